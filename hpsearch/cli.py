@@ -1,0 +1,175 @@
+"""The ``hpsearch`` command. Each command parses, calls one library function, and prints.
+
+Errors a user can fix (:class:`hpsearch.errors.HpsearchError`) print one clear message and exit
+with code 2; the traceback only with ``--debug``. Heavy libraries (torch, Ray, MLflow) are imported
+inside the commands that need them, so ``--help`` and ``validate`` stay instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hpsearch import __version__
+from hpsearch.errors import HpsearchError
+
+EXIT_USER_ERROR = 2
+
+
+class _Group(click.Group):
+    """Turns HpsearchError into a message and exit code 2 (the traceback only under --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HpsearchError as e:
+            if ctx.meta.get("hpsearch.debug"):
+                raise
+            click.secho(f"error: {e}", fg="red", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hpsearch")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Find good hyperparameters for PyTorch models from one YAML job file.
+
+    \b
+    hpsearch validate jobs/mnist.yaml     check a job file, start nothing
+    hpsearch run jobs/digits.yaml         run a search on the embedded local Ray
+    hpsearch best hpsearch_runs/digits-mlp
+    """
+    ctx.meta["hpsearch.debug"] = debug
+    _setup_logging(debug)
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("hpsearch")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a job key, e.g. --set search.num_samples=8 (repeatable; the value is read as YAML).",
+)
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(path_type=Path))
+@_set_option
+def validate(job_file: Path, overrides: tuple[str, ...]) -> None:
+    """Check a job file and print the resolved job; start nothing.
+
+    Example: hpsearch validate jobs/mnist.yaml --set search.num_samples=8
+    """
+    import yaml
+
+    from hpsearch.spec import load_job
+
+    job = load_job(job_file, overrides)
+    click.echo(f"{job_file}: ok")
+    click.echo(yaml.safe_dump(job.to_dict(), sort_keys=False).rstrip())
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(path_type=Path))
+@_set_option
+@click.option("--address", default=None, metavar="ADDR",
+              help="Ray cluster to run on (auto, ray://HOST:10001, HOST:6379). Default: embedded local Ray.")
+def run(job_file: Path, overrides: tuple[str, ...], address: str | None) -> None:
+    """Run the search a job file describes.
+
+    Example: hpsearch run jobs/digits.yaml --set search.num_samples=8
+    """
+    from hpsearch.spec import load_job
+
+    job = load_job(job_file, overrides)
+    _print_summary(_runner().run_search(job, address=address))
+
+
+@cli.command()
+@click.argument("search_dir", type=click.Path(path_type=Path))
+@click.option("--address", default=None, metavar="ADDR", help="Ray cluster to run on. Default: embedded local Ray.")
+def resume(search_dir: Path, address: str | None) -> None:
+    """Continue a search that was stopped or killed: finished trials are kept.
+
+    Example: hpsearch resume hpsearch_runs/mnist-mlp
+    """
+    _print_summary(_runner().resume_search(search_dir, address=address))
+
+
+@cli.command()
+@click.argument("search_dir", type=click.Path(path_type=Path))
+def best(search_dir: Path) -> None:
+    """Print the best trial of a finished search.
+
+    Example: hpsearch best hpsearch_runs/mnist-mlp
+    """
+    from hpsearch.results import read_best
+
+    b = read_best(search_dir)
+    click.echo(f"best trial {b['trial_id']} (epoch {b['epoch']}, {b['metric']} {b['validation'][b['metric']]:.4f}, "
+               f"test_accuracy {_fmt(b.get('test_accuracy'))})")
+    for name, value in b["hyperparameters"].items():
+        click.echo(f"  {name:<18} {value}")
+    if b.get("checkpoint"):
+        click.echo(f"checkpoint: {b['checkpoint']}")
+
+
+def _runner() -> Any:
+    from hpsearch import runner
+
+    return runner
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _print_summary(s: Any) -> None:
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(s.counts.items()))
+    click.echo("")
+    click.echo(f"search finished in {s.wall_s:.0f} s: {counts or 'no trials ran'}")
+    if s.top:
+        metric = s.best["metric"] if s.best else "val_accuracy"
+        click.echo(f"\nbest trials by {metric}:")
+        hp_cols = ("num_hidden_layers", "neurons_per_layer", "learning_rate", "dropout_rate", "batch_size",
+                   "optimizer", "weight_decay", "epochs")
+        header = f"  {'trial':<14}{'status':<15}{metric:>13}  " + "  ".join(f"{c[:12]:>12}" for c in hp_cols)
+        click.echo(header)
+        for row in s.top:
+            cells = "  ".join(f"{_short(row[c]):>12}" for c in hp_cols)
+            click.echo(f"  {row['trial_id']:<14}{row['status']:<15}{row[f'best_{metric}']:>13.4f}  {cells}")
+    if s.best:
+        click.echo(f"\nbest: trial {s.best['trial_id']}, test_accuracy {_fmt(s.best.get('test_accuracy'))}")
+    click.echo(f"\noutputs:  {s.search_dir}  (trials.parquet, epochs.parquet, best.yaml, job.yaml)")
+    if s.tracking_uri:
+        click.echo(f"MLflow:   {s.tracking_uri}  (parent run {s.parent_run_id}); "
+                   f"view with: mlflow ui --backend-store-uri {s.tracking_uri}")
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def main() -> None:
+    cli(prog_name="hpsearch")
+
+
+if __name__ == "__main__":
+    main()

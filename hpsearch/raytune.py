@@ -1,0 +1,210 @@
+"""Ray Tune glue: the per-trial function, the driver-side callback, and the Optuna searcher.
+
+Imported only by :mod:`hpsearch.runner`, after it has decided how Ray must be configured (some
+of Ray's settings are read once, when ``ray`` is first imported).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from hpsearch.spec import ModelSpec, resolve_hyperparameters
+from hpsearch.tracking import Tracker
+
+logger = logging.getLogger("hpsearch.runner")
+
+STATE_FILE = "state.pt"  # model + optimizer + epoch, in each checkpoint folder
+CHECKPOINT_METRICS = "metrics.json"  # the epoch's metrics, beside it (to pick the best checkpoint)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs in the trial's worker process.
+# --------------------------------------------------------------------------------------------
+
+
+def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed: int, cpus: float, gpus: float) -> None:
+    """Tune's trainable: adapts :func:`hpsearch.trainable.train` to ``tune.report`` and checkpoints."""
+    import torch
+
+    from hpsearch.trainable import train
+
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+    def report(metrics: dict[str, Any], to_save: dict[str, Any] | None) -> None:
+        if to_save is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(to_save, Path(folder) / STATE_FILE)
+            (Path(folder) / CHECKPOINT_METRICS).write_text(json.dumps(metrics))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    train(config, data=data, model_spec=model_spec, report=report, state=state, device=device,
+          num_threads=max(1, int(cpus)), seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs in the driver.
+# --------------------------------------------------------------------------------------------
+
+
+def trial_dirname(trial: Any) -> str:
+    """``trial_<id>``: Tune's default folder name spells out the whole config (and gets cut)."""
+    return f"trial_{trial.trial_id}"
+
+
+def trial_status(config: dict[str, Any], last: dict[str, Any] | None, error: str | None) -> str:
+    if error:
+        return "failed"
+    if not last:
+        return "not run"
+    if last.get("diverged"):
+        return "diverged"
+    if int(last.get("epoch", 0)) < int(resolve_hyperparameters(config)["epochs"]):
+        return "stopped early"
+    return "completed"
+
+
+class SearchCallback(tune.Callback):
+    """Keeps our own record of every trial (a JSON-lines log in the search folder), feeds MLflow,
+    and prints one line per finished trial.
+
+    Ray's persisted trial status is not trusted (a trial lost with its node stays RUNNING there);
+    this log is what the Parquet tables, MLflow statuses and the summary are built from.
+    """
+
+    def __init__(self, *, log_path: str, metric: str, num_samples: int, tracker: Tracker | None) -> None:
+        self.log_path = log_path
+        self.metric = metric
+        self.num_samples = num_samples
+        self.tracker = tracker
+        self._last: dict[str, dict[str, Any]] = {}
+        self._ended = 0
+
+    def setup(self, **info: Any) -> None:
+        # On resume: trials already ended count towards the progress shown.
+        self._ended = sum(1 for e in read_events(Path(self.log_path)) if e["event"] == "end")
+        if self.tracker is not None:
+            self.tracker.adopt_existing_runs()
+
+    def _write(self, event: dict[str, Any]) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event, default=str) + "\n")
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._write({"event": "start", "trial_id": trial.trial_id, "config": trial.config,
+                     "path": trial.path, "time": time.time()})
+        if self.tracker is not None:
+            self.tracker.trial_started(trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        keep = {k: result.get(k) for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "diverged",
+                                           "epoch_time_s", "time_total_s", "timestamp")}
+        self._last[trial.trial_id] = keep
+        self._write({"event": "result", "trial_id": trial.trial_id, **keep})
+        if self.tracker is not None:
+            self.tracker.trial_result(trial.trial_id, keep)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._write({"event": "retry", "trial_id": trial.trial_id, "error": _error_text(trial), "time": time.time()})
+        logger.info("trial %s crashed; retrying from its last checkpoint: %s", trial.trial_id, _error_text(trial))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, _error_text(trial) or "the trial failed")
+
+    def _end(self, trial: Any, error: str | None) -> None:
+        last = self._last.get(trial.trial_id) or _last_result(trial)
+        status = trial_status(trial.config, last, error)
+        self._write({"event": "end", "trial_id": trial.trial_id, "status": status, "error": error, "time": time.time()})
+        if self.tracker is not None:
+            self.tracker.trial_ended(trial.trial_id, status, error)
+        self._ended += 1
+        value = (last or {}).get(self.metric)
+        shown = f"{self.metric} {value:.4f}" if isinstance(value, float) and math.isfinite(value) else ""
+        epochs = int((last or {}).get("epoch") or 0)
+        why = f" — {error}" if error else ""
+        logger.info("[%d/%d] trial %s %s after %d epoch%s %s%s", self._ended, self.num_samples, trial.trial_id,
+                    status, epochs, "" if epochs == 1 else "s", shown, why)
+
+
+def _last_result(trial: Any) -> dict[str, Any] | None:
+    last = getattr(trial, "last_result", None) or {}
+    return last if "epoch" in last else None
+
+
+def _error_text(trial: Any) -> str | None:
+    """The last line of the trial's error (the exception), not Ray's whole traceback."""
+    text = None
+    path = getattr(trial, "error_file", None)
+    try:
+        if path and Path(path).is_file():
+            text = Path(path).read_text(errors="replace")
+    except OSError:
+        text = None
+    if not text:
+        return None
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    # Ray wraps the user's exception; its last line is "Name: message".
+    return lines[-1][:500] if lines else None
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed driver: the rest is intact
+    return events
+
+
+# --------------------------------------------------------------------------------------------
+# Optuna through Tune, told the truth about early-stopped trials.
+# --------------------------------------------------------------------------------------------
+
+
+class HonestOptunaSearch(OptunaSearch):
+    """OptunaSearch that reports an ASHA-stopped trial to Optuna as PRUNED, not COMPLETE.
+
+    Ray's OptunaSearch tells Optuna COMPLETE with the early, partial-budget value, so TPE compares
+    a 1-epoch result with full runs as if both were final. Pruned (with its intermediate values,
+    already reported per epoch) is the honest signal; TPE ranks pruned trials by how far they got.
+    A diverged trial (NaN) is reported FAIL, never RUNNING.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials or error or not result:
+            return super().on_trial_complete(trial_id, result, error)
+        value = result.get(self.metric)
+        # Tune hands searchers the result flattened: the config comes as "config/<name>" keys.
+        config = {k[len("config/"):]: v for k, v in result.items() if k.startswith("config/")}
+        status = trial_status(config, result, None)
+        if status == "diverged" or not (isinstance(value, (int, float)) and math.isfinite(value)):
+            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
+        elif status == "stopped early":
+            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self._ot_study.tell(ot_trial, value, state=optuna.trial.TrialState.COMPLETE)
+        self._completed_trials.add(trial_id)

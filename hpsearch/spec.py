@@ -1,0 +1,654 @@
+"""Job files: YAML → a validated, immutable :class:`JobSpec`.
+
+All validation of user input happens here, before Ray, torch or MLflow is imported. Every problem
+in a file is collected and reported at once, each naming its field path, the value and the rule
+(``space.learning_rate.low: must be > 0 when log is true, got 0``). Ray accepts bad search-space
+input silently and ASHA validates with ``assert``; nothing reaches them unchecked.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Union
+
+import yaml
+
+from hpsearch.errors import JobError
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary. Declared once; the trainable, the space and the docs all read these.
+# --------------------------------------------------------------------------------------------
+
+DATASETS = ("mnist", "fashion_mnist", "digits")
+MODEL_KINDS = ("mlp",)
+OPTIMIZERS = ("Adam", "AdamW", "SGD")
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
+SCHEDULERS = ("asha", "fifo")
+METRICS = {"val_accuracy": "max", "val_loss": "min", "train_loss": "min"}
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A name the training function knows, its kind, its default and the rule its values obey."""
+
+    kind: str  # "int" | "float" | "choice"
+    default: Any
+    rule: str  # shown to users
+    ok: Callable[[Any], bool]
+
+
+HYPERPARAMETERS: dict[str, Hyperparameter] = {
+    "num_hidden_layers": Hyperparameter("int", 2, "an integer >= 0", lambda v: v >= 0),
+    "neurons_per_layer": Hyperparameter("int", 128, "an integer >= 1", lambda v: v >= 1),
+    "epochs": Hyperparameter("int", 10, "an integer >= 1", lambda v: v >= 1),
+    "learning_rate": Hyperparameter("float", 1e-3, "a number > 0", lambda v: v > 0),
+    "dropout_rate": Hyperparameter("float", 0.2, "a number in [0, 1)", lambda v: 0 <= v < 1),
+    "batch_size": Hyperparameter("int", 64, "an integer >= 1", lambda v: v >= 1),
+    "optimizer": Hyperparameter(
+        "choice", "Adam", f"one of {', '.join(OPTIMIZERS)}", lambda v: v in OPTIMIZERS
+    ),
+    "weight_decay": Hyperparameter("float", 0.0, "a number >= 0", lambda v: v >= 0),
+    # SGD only (torch's default is 0); sampled only when the trial's optimizer is SGD.
+    "momentum": Hyperparameter("float", 0.0, "a number in [0, 1)", lambda v: 0 <= v < 1),
+}
+
+
+def resolve_hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Every hyperparameter a trial uses: the sampled ones, defaults for the rest."""
+    resolved = {name: config.get(name, hp.default) for name, hp in HYPERPARAMETERS.items()}
+    # Optuna's float steps carry binary noise (0.30000000000000004); 12 digits say what was meant.
+    return {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in resolved.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The job, as frozen dataclasses.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IntParam:
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "int", "low": self.low, "high": self.high, "step": self.step, "log": self.log}
+
+
+@dataclass(frozen=True)
+class FloatParam:
+    low: float
+    high: float
+    step: float | None = None
+    log: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": "float", "low": self.low, "high": self.high, "log": self.log}
+        if self.step is not None:
+            d["step"] = self.step
+        return d
+
+
+@dataclass(frozen=True)
+class CategoricalParam:
+    choices: tuple[Any, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "categorical", "choices": list(self.choices)}
+
+
+@dataclass(frozen=True)
+class FixedParam:
+    value: Any
+
+    def to_dict(self) -> Any:
+        return self.value
+
+
+Param = Union[IntParam, FloatParam, CategoricalParam, FixedParam]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str
+    root: str = "~/.cache/hpsearch"
+    download: bool = True
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2  # only for data sets without their own test split (digits)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str = "mlp"
+    batch_norm: bool = True
+
+
+@dataclass(frozen=True)
+class SearcherSpec:
+    name: str = "optuna"
+    sampler: str = "tpe"
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    name: str = "asha"
+    max_t: int | None = None  # epochs; None = the largest epochs the space allows
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: float = 3
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    metric: str = "val_accuracy"
+    mode: str = "max"
+    num_samples: int = 16  # trials
+    max_concurrent_trials: int | None = None  # None = as many as the resources allow
+    time_budget_s: float | None = None  # seconds for the whole search; None = no limit
+    max_failures: int = 1  # retries of a crashed trial, each from its last checkpoint
+    searcher: SearcherSpec = field(default_factory=SearcherSpec)
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    cpu: float = 1  # per trial; also the trial's torch threads
+    gpu: float = 0  # per trial; a fraction packs trials onto one GPU
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    enabled: bool = True
+    uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str | None = None  # None = the job's name
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    data: DataSpec
+    space: tuple[tuple[str, Param], ...]
+    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    storage: str = "./hpsearch_runs"
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def param(self, name: str) -> Param | None:
+        return dict(self.space).get(name)
+
+    def max_epochs(self) -> int:
+        """The most epochs any trial of this space can run."""
+        p = self.param("epochs")
+        if p is None:
+            return HYPERPARAMETERS["epochs"].default
+        if isinstance(p, FixedParam):
+            return int(p.value)
+        if isinstance(p, CategoricalParam):
+            return int(max(p.choices))
+        return int(p.high)
+
+    @property
+    def max_t(self) -> int:
+        return self.search.scheduler.max_t or self.max_epochs()
+
+    def storage_dir(self) -> Path:
+        """``<storage>/<name>``, where Tune's state and our outputs live (local storage only)."""
+        return Path(os.path.expanduser(self.storage)).resolve() / self.name
+
+    def tracking_uri(self) -> str:
+        """The MLflow URI the driver uses, made absolute (Ray runs trials in other folders)."""
+        uri = self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + str(Path(os.path.expanduser(uri[len("sqlite:///"):])).resolve())
+        elif "://" not in uri:
+            uri = str(Path(os.path.expanduser(uri)).resolve())
+        return uri
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved job as plain data (what ``job.yaml`` holds); loads back to an equal job."""
+        sched = self.search.scheduler
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "data": vars(self.data).copy(),
+            "model": vars(self.model).copy(),
+            "space": {name: p.to_dict() for name, p in self.space},
+            "search": {
+                "metric": self.search.metric,
+                "mode": self.search.mode,
+                "num_samples": self.search.num_samples,
+                "max_concurrent_trials": self.search.max_concurrent_trials,
+                "time_budget_s": self.search.time_budget_s,
+                "max_failures": self.search.max_failures,
+                "searcher": vars(self.search.searcher).copy(),
+                "scheduler": (
+                    {"name": "fifo"}
+                    if sched.name == "fifo"
+                    else {
+                        "name": sched.name,
+                        "max_t": self.max_t,
+                        "grace_period": sched.grace_period,
+                        "reduction_factor": sched.reduction_factor,
+                    }
+                ),
+            },
+            "resources": vars(self.resources).copy(),
+            "tracking": {
+                "enabled": self.tracking.enabled,
+                "uri": self.tracking.uri,
+                "experiment": self.experiment,
+            },
+            "storage": self.storage,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Loading.
+# --------------------------------------------------------------------------------------------
+
+
+def load_job(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read, override (``dotted.key=value``) and validate a job file. Raises :class:`JobError`."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobError(source, ["file not found; give the path of a job YAML file (see jobs/)"]) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise JobError(source, [f"cannot be read: {e}"]) from None
+    raw = parse_yaml(text, source)
+    apply_overrides(raw, overrides, source)
+    return validate(raw, source=source)
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise JobError(source, [f"is not valid YAML{where}: {problem}"]) from None
+    if not isinstance(raw, dict):
+        got = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise JobError(source, [f"must be a mapping of keys (name, data, space, ...), got {got}"])
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], source: str) -> None:
+    """Apply ``--set a.b.c=value`` pairs to the raw job; the value is read as YAML."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"--set {item!r}: expected dotted.key=value, e.g. search.num_samples=8")
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise JobError(source, problems)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation. A small collector; each reader returns a value (or a safe placeholder) and notes
+# problems, so one pass finds them all.
+# --------------------------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_MISSING = object()
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(f"{path}: {message}")
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; accept it as the number it means."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
+def _mapping(p: _Problems, raw: Any, path: str, known: tuple[str, ...]) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        p.add(path, f"must be a mapping with keys {', '.join(known)}, got {_show(raw)}")
+        return {}
+    for key in raw:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            did = f"; did you mean {hint[0]!r}?" if hint else ""
+            p.add(f"{path}.{key}" if path else str(key), f"unknown key (known: {', '.join(known)}){did}")
+    return raw
+
+
+def _get(
+    p: _Problems,
+    raw: dict[str, Any],
+    path: str,
+    key: str,
+    kind: str,
+    default: Any = _MISSING,
+    rule: Callable[[Any], bool] | None = None,
+    rule_text: str = "",
+) -> Any:
+    """Read one scalar field of ``kind`` (str, bool, int, float, choice list) and check its rule."""
+    where = f"{path}.{key}" if path else key
+    if key not in raw or raw[key] is None:
+        if default is _MISSING:
+            p.add(where, f"is required ({rule_text or kind})")
+        return None if default is _MISSING else default
+    value = raw[key]
+    if kind == "str":
+        ok = isinstance(value, str)
+        expect = "a string"
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+        expect = "true or false"
+    elif kind == "int":
+        value = _as_number(value)
+        ok = _is_number(value) and float(value).is_integer()
+        if ok:
+            value = int(value)
+        expect = "an integer"
+    elif kind == "float":
+        value = _as_number(value)
+        ok = _is_number(value) and math.isfinite(value)
+        expect = "a number"
+    else:
+        raise ValueError(kind)
+    if not ok:
+        p.add(where, f"must be {rule_text or expect}, got {_show(raw[key])}")
+        return None if default is _MISSING else default
+    if rule is not None and not rule(value):
+        p.add(where, f"must be {rule_text}, got {_show(value)}")
+        return None if default is _MISSING else default
+    return value
+
+
+def _one_of(p: _Problems, raw: dict[str, Any], path: str, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+    value = _get(p, raw, path, key, "str", default, lambda v: v in choices, f"one of {', '.join(choices)}")
+    return value
+
+
+def validate(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
+    """Turn a raw job mapping into a :class:`JobSpec`, or raise :class:`JobError` with every problem."""
+    p = _Problems()
+    top = _mapping(p, raw, "", ("name", "seed", "data", "model", "space", "search", "resources", "tracking", "storage"))
+
+    name = _get(p, top, "", "name", "str", rule=lambda v: bool(_NAME_RE.match(v)),
+                rule_text="a folder-safe name (letters, digits, '.', '_', '-')")
+    seed = _get(p, top, "", "seed", "int", 0, lambda v: v >= 0, "an integer >= 0")
+    storage = _get(p, top, "", "storage", "str", "./hpsearch_runs")
+
+    d = _mapping(p, top.get("data"), "data", ("dataset", "root", "download", "val_fraction", "test_fraction"))
+    data = DataSpec(
+        dataset=_one_of(p, d, "data", "dataset", DATASETS),
+        root=_get(p, d, "data", "root", "str", DataSpec.root),
+        download=_get(p, d, "data", "download", "bool", DataSpec.download),
+        val_fraction=_get(p, d, "data", "val_fraction", "float", DataSpec.val_fraction,
+                          lambda v: 0 < v < 1, "a number in (0, 1)"),
+        test_fraction=_get(p, d, "data", "test_fraction", "float", DataSpec.test_fraction,
+                           lambda v: 0 < v < 1, "a number in (0, 1)"),
+    )
+
+    m = _mapping(p, top.get("model"), "model", ("kind", "batch_norm"))
+    model = ModelSpec(
+        kind=_one_of(p, m, "model", "kind", MODEL_KINDS, ModelSpec.kind),
+        batch_norm=_get(p, m, "model", "batch_norm", "bool", ModelSpec.batch_norm),
+    )
+
+    search = _search(p, top.get("search"))
+    space = _space(p, top.get("space"), sampler=search.searcher.sampler)
+
+    r = _mapping(p, top.get("resources"), "resources", ("cpu", "gpu"))
+    resources = ResourcesSpec(
+        cpu=_get(p, r, "resources", "cpu", "float", ResourcesSpec.cpu, lambda v: v > 0, "a number > 0"),
+        gpu=_get(p, r, "resources", "gpu", "float", ResourcesSpec.gpu,
+                 lambda v: v == 0 or 0 < v < 1 or float(v).is_integer(),
+                 "0, a fraction in (0, 1), or a whole number of GPUs"),
+    )
+
+    t = _mapping(p, top.get("tracking"), "tracking", ("enabled", "uri", "experiment"))
+    tracking = TrackingSpec(
+        enabled=_get(p, t, "tracking", "enabled", "bool", True),
+        uri=_get(p, t, "tracking", "uri", "str", None),
+        experiment=_get(p, t, "tracking", "experiment", "str", None),
+    )
+
+    if p.items:
+        raise JobError(source, p.items)
+    job = JobSpec(name=name, seed=seed, data=data, model=model, space=space, search=search,
+                  resources=resources, tracking=tracking, storage=storage)
+    _cross_checks(p, job)
+    if p.items:
+        raise JobError(source, p.items)
+    return job
+
+
+def _search(p: _Problems, raw: Any) -> SearchSpec:
+    s = _mapping(p, raw, "search", ("metric", "mode", "num_samples", "max_concurrent_trials",
+                                     "time_budget_s", "max_failures", "searcher", "scheduler"))
+    metric = _one_of(p, s, "search", "metric", tuple(METRICS), SearchSpec.metric)
+    mode = _one_of(p, s, "search", "mode", ("max", "min"), METRICS.get(metric, "max"))
+    if metric in METRICS and mode in ("max", "min") and mode != METRICS[metric]:
+        p.add("search.mode", f"{metric} is best when it is the {'largest' if METRICS[metric] == 'max' else 'smallest'}; "
+                             f"use mode: {METRICS[metric]}, got {_show(mode)}")
+
+    sr = _mapping(p, s.get("searcher"), "search.searcher", ("name", "sampler"))
+    searcher = SearcherSpec(
+        name=_one_of(p, sr, "search.searcher", "name", ("optuna",), "optuna"),
+        sampler=_one_of(p, sr, "search.searcher", "sampler", SAMPLERS, "tpe"),
+    )
+
+    raw_sched = s.get("scheduler")
+    sc = _mapping(p, raw_sched, "search.scheduler", ("name", "max_t", "grace_period", "reduction_factor"))
+    sched_name = _one_of(p, sc, "search.scheduler", "name", SCHEDULERS, "asha")
+    if sched_name == "fifo":
+        for key in ("max_t", "grace_period", "reduction_factor"):
+            if key in sc:
+                p.add(f"search.scheduler.{key}", "only applies to name: asha (fifo runs every trial to its end)")
+    scheduler = SchedulerSpec(
+        name=sched_name,
+        max_t=_get(p, sc, "search.scheduler", "max_t", "int", None, lambda v: v >= 1, "an integer >= 1"),
+        grace_period=_get(p, sc, "search.scheduler", "grace_period", "int", 1, lambda v: v >= 1, "an integer >= 1"),
+        reduction_factor=_get(p, sc, "search.scheduler", "reduction_factor", "float", 3,
+                              lambda v: v >= 2, "a number >= 2 (each rung keeps 1/reduction_factor of the trials)"),
+    )
+    if scheduler.max_t is not None and scheduler.grace_period > scheduler.max_t:
+        p.add("search.scheduler.grace_period",
+              f"must be <= max_t ({scheduler.max_t}), got {scheduler.grace_period}")
+
+    return SearchSpec(
+        metric=metric,
+        mode=mode,
+        num_samples=_get(p, s, "search", "num_samples", "int", SearchSpec.num_samples,
+                         lambda v: v >= 1, "an integer >= 1 (the number of trials)"),
+        max_concurrent_trials=_get(p, s, "search", "max_concurrent_trials", "int", None,
+                                   lambda v: v >= 1, "an integer >= 1"),
+        time_budget_s=_get(p, s, "search", "time_budget_s", "float", None, lambda v: v > 0, "a number of seconds > 0"),
+        max_failures=_get(p, s, "search", "max_failures", "int", SearchSpec.max_failures,
+                          lambda v: v >= 0, "an integer >= 0"),
+        searcher=searcher,
+        scheduler=scheduler,
+    )
+
+
+def _space(p: _Problems, raw: Any, *, sampler: str) -> tuple[tuple[str, Param], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        p.add("space", f"must be a mapping of hyperparameter names to ranges, got {_show(raw)}")
+        return ()
+    out = []
+    for name, spec in raw.items():
+        path = f"space.{name}"
+        hp = HYPERPARAMETERS.get(name)
+        if hp is None:
+            hint = difflib.get_close_matches(str(name), HYPERPARAMETERS, n=1)
+            did = f"; did you mean {hint[0]!r}?" if hint else ""
+            p.add(path, f"unknown hyperparameter (the training function knows: {', '.join(HYPERPARAMETERS)}){did}")
+            continue
+        param = _param(p, path, hp, spec, sampler=sampler)
+        if param is not None:
+            out.append((name, param))
+    return tuple(out)
+
+
+def _check_value(p: _Problems, path: str, hp: Hyperparameter, value: Any) -> Any:
+    """One value of a hyperparameter (fixed, a choice, a bound): right type and within its rule."""
+    value = _as_number(value)
+    if hp.kind == "choice":
+        ok = isinstance(value, str) and hp.ok(value)
+    elif hp.kind == "int":
+        ok = _is_number(value) and float(value).is_integer() and hp.ok(value)
+        value = int(value) if ok else value
+    else:
+        ok = _is_number(value) and math.isfinite(value) and hp.ok(value)
+        value = float(value) if ok else value
+    if not ok:
+        p.add(path, f"must be {hp.rule}, got {_show(value)}")
+        return None
+    return value
+
+
+def _param(p: _Problems, path: str, hp: Hyperparameter, spec: Any, *, sampler: str) -> Param | None:
+    if isinstance(spec, list):
+        p.add(path, f"a list is ambiguous; write {{type: categorical, choices: {spec}}}")
+        return None
+    if not isinstance(spec, dict):
+        value = _check_value(p, path, hp, spec)
+        return None if value is None else FixedParam(value)
+
+    kinds = {"int": ("type", "low", "high", "step", "log"),
+             "float": ("type", "low", "high", "step", "log"),
+             "categorical": ("type", "choices")}
+    kind = spec.get("type")
+    if kind not in kinds:
+        p.add(f"{path}.type", f"must be one of int, float, categorical, got {_show(kind)}")
+        return None
+    _mapping(p, spec, path, kinds[kind])
+    n_before = len(p.items)
+
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            p.add(f"{path}.choices", f"must be a non-empty list, got {_show(choices)}")
+            return None
+        values = [_check_value(p, f"{path}.choices[{i}]", hp, c) for i, c in enumerate(choices)]
+        if len(set(map(repr, values))) != len(values):
+            p.add(f"{path}.choices", f"has duplicates: {choices}")
+        return None if len(p.items) > n_before else CategoricalParam(tuple(values))
+
+    if hp.kind != kind and not (hp.kind == "float" and kind == "int"):
+        want = "categorical" if hp.kind == "choice" else hp.kind
+        p.add(f"{path}.type", f"{path.split('.')[-1]} takes {hp.rule}; use type: {want} (or categorical), got {kind}")
+        return None
+    low = _check_value(p, f"{path}.low", hp, spec.get("low"))
+    high = _check_value(p, f"{path}.high", hp, spec.get("high"))
+    log = _get(p, spec, path, "log", "bool", False)
+    step = _get(p, spec, path, "step", kind, None, lambda v: v > 0, "a number > 0")
+    if len(p.items) > n_before:
+        return None
+    if low > high:
+        p.add(path, f"low <= high must hold, got low={low}, high={high}")
+    if log and low <= 0:
+        p.add(f"{path}.low", f"must be > 0 when log is true, got {low}")
+    if log and step is not None and step != 1:
+        p.add(path, "step and log cannot be combined (Optuna samples on a grid or on a log scale)")
+    if step is not None and low <= high:
+        n = (high - low) / step
+        if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
+            p.add(f"{path}.step", f"high - low ({high} - {low}) must be a multiple of step ({step})")
+    if sampler == "grid" and kind == "float" and step is None:
+        p.add(path, "the grid sampler needs a step (or categorical choices) for a float range")
+    if len(p.items) > n_before:
+        return None
+    if kind == "int":
+        return IntParam(low=int(low), high=int(high), step=int(step or 1), log=log)
+    return FloatParam(low=float(low), high=float(high), step=None if step is None else float(step), log=log)
+
+
+def _cross_checks(p: _Problems, job: JobSpec) -> None:
+    """Rules that tie sections together; run once every section is valid on its own."""
+    sched = job.search.scheduler
+    if sched.name == "asha":
+        if sched.max_t is None and sched.grace_period > job.max_t:
+            p.add("search.scheduler.grace_period",
+                  f"must be <= the most epochs a trial runs ({job.max_t}), got {sched.grace_period}")
+    if job.param("momentum") is not None:
+        opt = job.param("optimizer")
+        sgd_possible = (opt is None and HYPERPARAMETERS["optimizer"].default == "SGD") or (
+            isinstance(opt, FixedParam) and opt.value == "SGD") or (
+            isinstance(opt, CategoricalParam) and "SGD" in opt.choices)
+        if not sgd_possible:
+            p.add("space.momentum", "is used by SGD only, and optimizer can never be SGD here")
+    if job.search.searcher.sampler == "grid":
+        size = grid_size(job)
+        if size > 100_000:
+            p.add("space", f"the grid has {size} points; use fewer values or another sampler (at most 100000)")
+
+
+def grid_values(param: Param) -> list[Any]:
+    """The points a grid sampler visits for one parameter."""
+    if isinstance(param, FixedParam):
+        return [param.value]
+    if isinstance(param, CategoricalParam):
+        return list(param.choices)
+    step = param.step or 1
+    n = int(round((param.high - param.low) / step))
+    values = [param.low + i * step for i in range(n + 1)]
+    return [int(v) for v in values] if isinstance(param, IntParam) else [round(v, 12) for v in values]
+
+
+def grid_size(job: JobSpec) -> int:
+    size = 1
+    for _, param in job.space:
+        if not isinstance(param, FixedParam):
+            size *= len(grid_values(param))
+    return size

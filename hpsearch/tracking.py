@@ -1,0 +1,203 @@
+"""MLflow tracking, written from the driver only (the one MLflow writer; DESIGN.md says why).
+
+One parent run per search holds the resolved job, the best hyperparameters and metrics, and the
+best model's weights; one child run per trial (tag ``mlflow.parentRunId``) holds its
+hyperparameters as params, its metrics per epoch with ``step=epoch`` and its final status.
+
+:class:`Tracker` is plain data plus a lazily created client: Tune pickles its callbacks, and a
+client object does not pickle. A tracking error during a search is logged, never raised: losing a
+metric line must not lose a search. Errors while setting up (:meth:`Tracker.start`) are raised,
+before any trial runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from hpsearch.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+TRIAL_ID_TAG = "hpsearch.trial_id"
+STATUS_TAG = "hpsearch.status"
+METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "epoch_time_s")
+# our trial status -> MLflow run status
+_RUN_STATUS = {"completed": "FINISHED", "stopped early": "FINISHED", "failed": "FAILED", "diverged": "FAILED"}
+
+
+class Tracker:
+    def __init__(self, *, uri: str, experiment: str, parent_run_id: str | None = None) -> None:
+        self.uri = uri
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        self.experiment_id: str | None = None
+        self._runs: dict[str, str] = {}  # trial id -> child run id
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    # -- set-up (raises) ----------------------------------------------------------------------
+
+    def start(self, *, job: Mapping[str, Any], run_name: str, job_file: Path) -> str:
+        """Create (or find) the experiment and the search's parent run. Returns its run id."""
+        try:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=self._artifact_root())
+            else:
+                self.experiment_id = exp.experiment_id
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags={"hpsearch.kind": "search"})
+        except Exception as e:  # MLflow raises MlflowException, sqlalchemy and OS errors alike
+            raise StorageError(f"tracking.uri: cannot use MLflow at {self.uri}: {_one_line(e)}") from None
+        self.parent_run_id = run.info.run_id
+        self._safe(self._log_job, job, job_file)
+        return self.parent_run_id
+
+    def abandon(self) -> None:
+        """Remove the parent run of a search that never started (nothing half-written left)."""
+        if self.parent_run_id:
+            self._safe(self.client.delete_run, self.parent_run_id)
+
+    def _artifact_root(self) -> str | None:
+        # Beside a SQLite file, not in whatever folder the command ran from.
+        if self.uri.startswith("sqlite:///"):
+            db = Path(self.uri[len("sqlite:///"):])
+            return (db.parent / "mlartifacts" / self.experiment).as_uri()
+        return None
+
+    def _log_job(self, job: Mapping[str, Any], job_file: Path) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:6000]) for k, v in _flatten(job).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.parent_run_id, params=params[i:i + 100])
+        self.client.log_artifact(self.parent_run_id, str(job_file))
+
+    # -- per trial (never raises) -------------------------------------------------------------
+
+    def adopt_existing_runs(self) -> None:
+        """On resume: map trials that already have a child run to it, so none is duplicated."""
+        self._safe(self._adopt_existing_runs)
+
+    def _adopt_existing_runs(self) -> None:
+        if not self.parent_run_id:
+            return
+        runs = self.client.search_runs(
+            [self._experiment_id()], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+            max_results=50_000,
+        )
+        for run in runs:
+            trial_id = run.data.tags.get(TRIAL_ID_TAG)
+            if trial_id:
+                self._runs[trial_id] = run.info.run_id
+
+    def trial_started(self, trial_id: str, config: Mapping[str, Any]) -> None:
+        self._safe(self._trial_started, trial_id, config)
+
+    def _trial_started(self, trial_id: str, config: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        if trial_id in self._runs:
+            return  # a retry or a resume of the same trial: same run
+        run = self.client.create_run(
+            self._experiment_id(), run_name=trial_id,
+            tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_ID_TAG: trial_id},
+        )
+        self._runs[trial_id] = run.info.run_id
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.items()])
+
+    def trial_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        self._safe(self._trial_result, trial_id, result)
+
+    def _trial_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self._runs.get(trial_id)
+        if run_id is None:
+            return
+        step = int(result.get("epoch", 0))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(result[k]), now, step) for k in METRIC_KEYS if k in result]
+        self.client.log_batch(run_id, metrics=metrics)
+
+    def trial_ended(self, trial_id: str, status: str, error: str | None = None) -> None:
+        self._safe(self._trial_ended, trial_id, status, error)
+
+    def _trial_ended(self, trial_id: str, status: str, error: str | None) -> None:
+        run_id = self._runs.get(trial_id)
+        if run_id is None:
+            return
+        self.client.set_tag(run_id, STATUS_TAG, status)
+        if error:
+            self.client.set_tag(run_id, "hpsearch.error", error[:5000])
+        self.client.set_terminated(run_id, status=_RUN_STATUS.get(status, "FINISHED"))
+
+    # -- the end of the search ----------------------------------------------------------------
+
+    def finish(self, *, best: Mapping[str, Any] | None, files: list[Path], model_file: Path | None,
+               status: str = "FINISHED") -> None:
+        self._safe(self._finish, best, files, model_file, status)
+
+    def _finish(self, best: Mapping[str, Any] | None, files: list[Path], model_file: Path | None, status: str) -> None:
+        from mlflow.entities import Metric, Param
+
+        run_id = self.parent_run_id
+        if best:
+            now = int(time.time() * 1000)
+            params = [Param(f"best.{k}", str(v)) for k, v in best["hyperparameters"].items()]
+            metrics = [Metric(f"best_{k}", float(v), now, 0) for k, v in best["validation"].items()
+                       if isinstance(v, (int, float)) and math.isfinite(v)]
+            if best.get("test_accuracy") is not None:
+                metrics.append(Metric("test_accuracy", float(best["test_accuracy"]), now, 0))
+            self.client.log_batch(run_id, metrics=metrics, params=params)
+            self.client.set_tag(run_id, "hpsearch.best_trial", best["trial_id"])
+        for f in files:
+            if f.exists():
+                self.client.log_artifact(run_id, str(f))
+        if model_file is not None and model_file.exists():
+            self.client.log_artifact(run_id, str(model_file), artifact_path="best_model")
+        self.client.set_terminated(run_id, status=status)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _experiment_id(self) -> str:
+        if self.experiment_id is None:
+            self.experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
+        return self.experiment_id
+
+    def _safe(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:
+            logger.warning("MLflow: %s failed: %s", fn.__name__.lstrip("_"), _one_line(e))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
