@@ -201,10 +201,16 @@ class HonestOptunaSearch(OptunaSearch):
         # Tune hands searchers the result flattened: the config comes as "config/<name>" keys.
         config = {k[len("config/"):]: v for k, v in result.items() if k.startswith("config/")}
         status = trial_status(config, result, None)
-        if status == "diverged" or not (isinstance(value, (int, float)) and math.isfinite(value)):
-            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
-        elif status == "stopped early":
-            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
-        else:
-            self._ot_study.tell(ot_trial, value, state=optuna.trial.TrialState.COMPLETE)
+        State = optuna.trial.TrialState
+        try:
+            if status == "diverged" or not (isinstance(value, (int, float)) and math.isfinite(value)):
+                self._ot_study.tell(ot_trial, None, state=State.FAIL)
+            elif status == "stopped early":
+                self._ot_study.tell(ot_trial, None, state=State.PRUNED)
+            else:
+                self._ot_study.tell(ot_trial, value, state=State.COMPLETE)
+        except RuntimeError as e:
+            # GridSampler calls study.stop() once the grid is done, which raises outside
+            # study.optimize(); the trial's state is recorded all the same.
+            logger.debug("optuna: %s", e)
         self._completed_trials.add(trial_id)

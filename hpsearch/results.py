@@ -76,7 +76,7 @@ def trial_rows(records: Iterable[TrialRecord], *, metric: str, mode: str) -> lis
         best = r.best_epoch(metric, mode)
         row: dict[str, Any] = {"trial_id": r.trial_id, "status": r.status, "error": r.error}
         row.update(r.hyperparameters)
-        row["epochs"] = int(last.get("epoch", 0))
+        row["epochs_run"] = int(last.get("epoch", 0))  # `epochs` is the hyperparameter (planned)
         for m in EPOCH_METRICS:
             row[f"last_{m}"] = _float(last.get(m))
         for m in EPOCH_METRICS:
@@ -183,7 +183,7 @@ def _trial_schema() -> Any:
     types = {"int": pa.int64(), "float": pa.float64(), "choice": pa.string()}
     fields = [("trial_id", pa.string()), ("status", pa.string()), ("error", pa.string())]
     fields += [(name, types[hp.kind]) for name, hp in HYPERPARAMETERS.items()]
-    fields += [("epochs", pa.int64())]
+    fields += [("epochs_run", pa.int64())]
     fields += [(f"last_{m}", pa.float64()) for m in EPOCH_METRICS]
     fields += [(f"best_{m}", pa.float64()) for m in EPOCH_METRICS]
     fields += [("best_epoch", pa.int64()), ("time_total_s", pa.float64())]

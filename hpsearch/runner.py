@@ -234,11 +234,11 @@ def _write_results(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any
     def test_score(checkpoint_dir: str, config: dict[str, Any]) -> tuple[float, Any]:
         import torch
 
-        from hpsearch.trainable import test_accuracy
+        from hpsearch.trainable import score_test_set
 
         state = torch.load(Path(checkpoint_dir) / raytune.STATE_FILE, map_location="cpu", weights_only=True)
         device = "cuda" if job.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
-        return test_accuracy(state, config, data=dataset, model_spec=job.model, device=device), state["model"]
+        return score_test_set(state, config, data=dataset, model_spec=job.model, device=device), state["model"]
 
     best = results.write_outputs(search_dir, records, metric=metric, mode=mode, test_score=test_score)
     results.write_yaml(search_dir / results.JOB_FILE, job.to_dict())

@@ -45,7 +45,8 @@ def train(
     """Train one configuration, reporting after every epoch. Returns the last metrics reported.
 
     ``report`` receives ``epoch, train_loss, val_loss, val_accuracy, diverged, epoch_time_s`` and
-    the state to checkpoint (model, optimizer, epoch). A non-finite training loss ends the trial at
+    the state to checkpoint (model, optimizer, epoch); the state holds live tensors, so save or copy
+    it before returning. A non-finite training loss ends the trial at
     once: the epoch is reported with ``diverged=True`` and NaN metrics, without a checkpoint.
     """
     # -- setup --------------------------------------------------------------------------------
@@ -73,8 +74,10 @@ def train(
     generator = torch.Generator(device=device)
     for epoch in range(start_epoch + 1, int(hp["epochs"]) + 1):
         t0 = time.perf_counter()
-        # Seeded per epoch, so a trial resumed from a checkpoint sees the batches it would have seen.
+        # Seeded per epoch, so a trial resumed from a checkpoint sees the batches (and dropout masks)
+        # it would have seen.
         generator.manual_seed(seed * 1_000_003 + epoch)
+        torch.manual_seed(seed * 1_000_003 + epoch)
         train_loss = train_epoch(model, optimizer, x_train, y_train,
                                  batch_size=int(hp["batch_size"]), generator=generator)
         if not math.isfinite(train_loss):
@@ -133,7 +136,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     return float(loss_sum) / n, int(correct) / n
 
 
-def test_accuracy(
+def score_test_set(
     state: Mapping[str, Any],
     config: Mapping[str, Any],
     *,

@@ -1,0 +1,82 @@
+"""Shared fixtures: one real Ray runtime for the whole session, jobs written into tmp_path.
+
+Ray is kept on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is read when ray is first imported)
+and started once: ``ray.init`` costs seconds, and hpsearch's runner reuses a runtime it finds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_runtime() -> Any:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def small_job(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    """A digits job that runs in seconds, writing only under tmp_path."""
+    job: dict[str, Any] = {
+        "name": "t",
+        "seed": 0,
+        "data": {"dataset": "digits"},
+        "model": {"kind": "mlp", "batch_norm": True},
+        "space": {
+            "num_hidden_layers": {"type": "int", "low": 1, "high": 2},
+            "neurons_per_layer": {"type": "int", "low": 16, "high": 64, "step": 16},
+            "learning_rate": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+            "epochs": 3,
+            "batch_size": 64,
+        },
+        "search": {"num_samples": 3, "scheduler": {"name": "fifo"}},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "storage": str(tmp_path / "runs"),
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(job.get(key), dict):
+            job[key] = {**job[key], **value}
+        else:
+            job[key] = value
+    return job
+
+
+def write_job(path: Path, job: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def write_idx(folder: Path, *, n_train: int = 300, n_test: int = 100, seed: int = 0) -> None:
+    """Small MNIST-format IDX files (.gz): 28x28 images whose brightness pattern encodes the label."""
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for i, lab in enumerate(labels):  # a learnable signal: a bright row band per class
+            images[i, 2 + 2 * lab: 4 + 2 * lab, :] = 250
+        header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28))
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
+        header = bytes([0, 0, 8, 1]) + n.to_bytes(4, "big")
+        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.tobytes()))

@@ -1,0 +1,75 @@
+"""Data loaders: IDX files (written here), the missing-files and corrupt-file messages, digits."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_idx
+
+from hpsearch.data import load
+from hpsearch.errors import DataError
+from hpsearch.spec import DataSpec
+
+
+def test_mnist_idx_files_load_split_and_normalise(tmp_path: Path) -> None:
+    write_idx(tmp_path, n_train=300, n_test=100)
+    ds = load(DataSpec(dataset="mnist", root=str(tmp_path), download=False, val_fraction=0.2), seed=0)
+    assert ds.train.x.shape == (240, 1, 28, 28) and ds.train.x.dtype == np.uint8
+    assert len(ds.val) == 60 and len(ds.test) == 100 and ds.num_classes == 10
+    assert ds.for_trials().test is None  # trials never see the test split
+    again = load(DataSpec(dataset="mnist", root=str(tmp_path), download=False, val_fraction=0.2), seed=0)
+    assert np.array_equal(ds.val.y, again.val.y)  # the split is seeded
+    other = load(DataSpec(dataset="mnist", root=str(tmp_path), download=False, val_fraction=0.2), seed=1)
+    assert not np.array_equal(ds.val.y, other.val.y)
+
+
+def test_torchvision_layout_is_found(tmp_path: Path) -> None:
+    write_idx(tmp_path / "MNIST" / "raw")
+    ds = load(DataSpec(dataset="mnist", root=str(tmp_path), download=False), seed=0)
+    assert len(ds.train) + len(ds.val) == 300
+
+
+def test_missing_files_without_download_say_where_to_put_them(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as e:
+        load(DataSpec(dataset="mnist", root=str(tmp_path), download=False), seed=0)
+    msg = str(e.value)
+    assert "train-images-idx3-ubyte.gz" in msg and str(tmp_path) in msg and "download: true" in msg
+
+
+def test_failed_download_says_where_to_put_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real download attempt through torchvision, through a proxy that refuses at once (no network
+    # wait): the failure path users without network access meet.
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(DataError) as e:
+        load(DataSpec(dataset="mnist", root=str(tmp_path / "cache"), download=True), seed=0)
+    msg = str(e.value)
+    assert "could not download mnist" in msg and "download: false" in msg
+    assert str(tmp_path / "cache") in msg and "t10k-labels-idx1-ubyte.gz" in msg
+
+
+def test_truncated_file_is_named(tmp_path: Path) -> None:
+    write_idx(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: .* truncated"):
+        load(DataSpec(dataset="mnist", root=str(tmp_path), download=False), seed=0)
+
+
+def test_not_an_idx_file(tmp_path: Path) -> None:
+    write_idx(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"<html>not found</html>")
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: cannot be read"):
+        load(DataSpec(dataset="mnist", root=str(tmp_path), download=False), seed=0)
+
+
+def test_digits_has_a_seeded_test_split() -> None:
+    ds = load(DataSpec(dataset="digits", val_fraction=0.2, test_fraction=0.2), seed=0)
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 1797
+    assert len(ds.test) == 359 and ds.input_shape == (1, 8, 8) and ds.scale == 16.0

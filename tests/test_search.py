@@ -1,0 +1,103 @@
+"""End to end through `hpsearch run`: real Ray Tune, Optuna, MLflow (SQLite) and Parquet, small data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import small_job, write_idx, write_job
+from mlflow.tracking import MlflowClient
+
+from hpsearch.cli import cli
+from hpsearch.spec import HYPERPARAMETERS, load_job
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path: Path, job: dict, *args: str):
+    path = write_job(tmp_path / "job.yaml", job)
+    result = CliRunner().invoke(cli, ["run", str(path), *args])
+    return result, tmp_path / "runs" / job["name"]
+
+
+def test_digits_search_writes_every_output(ray_runtime, tmp_path: Path) -> None:
+    job = small_job(tmp_path, search={"num_samples": 4,
+                                      "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}})
+    result, out = _run(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    assert "[4/4] trial" in result.output and "best: trial" in result.output
+
+    trials = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(trials) == 4
+    assert set(HYPERPARAMETERS) <= set(trials[0])  # every hyperparameter, defaults included
+    assert {t["status"] for t in trials} <= {"completed", "stopped early"}
+    assert all(t["epochs_run"] >= 1 and 0 <= t["best_val_accuracy"] <= 1 for t in trials)
+
+    epochs = pq.read_table(out / "epochs.parquet").to_pylist()
+    assert len(epochs) == sum(t["epochs_run"] for t in trials)
+    assert {e["trial_id"] for e in epochs} == {t["trial_id"] for t in trials}
+
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["trial_id"] in {t["trial_id"] for t in trials}
+    assert best["validation"]["val_accuracy"] == max(t["best_val_accuracy"] for t in trials)
+    assert 0.5 < best["test_accuracy"] <= 1 and set(best["hyperparameters"]) == set(HYPERPARAMETERS)
+    assert (out / "best_model.pt").is_file()
+    assert load_job(out / "job.yaml").to_dict() == load_job(tmp_path / "job.yaml").to_dict()  # resolved
+
+    # MLflow: one parent run, one child per trial under it, metrics per epoch, final statuses.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("t")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert {c.data.tags["hpsearch.trial_id"] for c in children} == {t["trial_id"] for t in trials}
+    assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
+    by_trial = {t["trial_id"]: t for t in trials}
+    for c in children:
+        history = client.get_metric_history(c.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == list(range(1, by_trial[c.data.tags["hpsearch.trial_id"]]["epochs_run"] + 1))
+        assert "learning_rate" in c.data.params
+        assert c.data.tags["hpsearch.status"] == by_trial[c.data.tags["hpsearch.trial_id"]]["status"]
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(best["test_accuracy"])
+    assert parent.data.params["best.learning_rate"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"job.yaml", "best.yaml", "trials.parquet", "best_model"} <= artifacts
+
+    shown = CliRunner().invoke(cli, ["best", str(out)])
+    assert shown.exit_code == 0 and best["trial_id"] in shown.output and "learning_rate" in shown.output
+
+    # The same name again is refused: two searches never mix in one folder.
+    again = CliRunner().invoke(cli, ["run", str(tmp_path / "job.yaml")])
+    assert again.exit_code == 2 and "already holds a search" in again.output and "hpsearch resume" in again.output
+
+
+def test_mnist_loader_from_idx_files_without_download(ray_runtime, tmp_path: Path) -> None:
+    write_idx(tmp_path / "idx", n_train=400, n_test=200)
+    job = small_job(tmp_path, data={"dataset": "mnist", "root": str(tmp_path / "idx"), "download": False},
+                    search={"num_samples": 2})
+    job["space"]["epochs"] = 4
+    job["space"]["learning_rate"] = 0.01
+    result, out = _run(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    assert len(pq.read_table(out / "trials.parquet")) == 2
+    assert yaml.safe_load((out / "best.yaml").read_text())["test_accuracy"] > 0.5
+
+
+def test_diverged_trial_is_recorded_and_never_best(ray_runtime, tmp_path: Path) -> None:
+    job = small_job(tmp_path, search={"num_samples": 2, "searcher": {"sampler": "grid"}},
+                    tracking={"enabled": False})
+    job["space"] = {"learning_rate": {"type": "categorical", "choices": [1.0e12, 0.01]},
+                    "optimizer": "SGD", "epochs": 3, "batch_size": 16}
+    result, out = _run(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    trials = {t["learning_rate"]: t for t in pq.read_table(out / "trials.parquet").to_pylist()}
+    assert trials[1.0e12]["status"] == "diverged" and trials[1.0e12]["epochs_run"] == 1
+    assert trials[0.01]["status"] == "completed" and trials[0.01]["epochs_run"] == 3
+    assert yaml.safe_load((out / "best.yaml").read_text())["hyperparameters"]["learning_rate"] == 0.01
+    assert not (tmp_path / "mlflow.db").exists()  # tracking off: no store written
