@@ -100,9 +100,7 @@ def load(spec: DataSpec, *, seed: int) -> Dataset:
         images, test_images = images[:, None], test_images[:, None]  # (N, 1, H, W)
         scale = 255.0
 
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_val = max(1, int(round(spec.val_fraction * len(labels))))
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    train_idx, val_idx = split_indices(len(labels), val_fraction=spec.val_fraction, seed=seed)
     train = Split(np.ascontiguousarray(images[train_idx]), labels[train_idx].astype(np.int64))
     val = Split(np.ascontiguousarray(images[val_idx]), labels[val_idx].astype(np.int64))
     test = Split(np.ascontiguousarray(test_images), test_labels.astype(np.int64))
@@ -112,6 +110,13 @@ def load(spec: DataSpec, *, seed: int) -> Dataset:
     logger.info("data %s: %d train, %d val, %d test, shape %s", spec.dataset, len(train), len(val), len(test),
                 train.x.shape[1:])
     return Dataset(spec.dataset, train, val, test, num_classes, mean, std, scale)
+
+
+def split_indices(n: int, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded train/validation split of ``n`` training samples: (train indices, val indices)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(val_fraction * n)))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def to_device(split: Split, data: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
