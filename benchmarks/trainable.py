@@ -34,12 +34,12 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import fashion_dir  # noqa: E402
+
 from hpsearch import data as hdata  # noqa: E402
 from hpsearch.models import mlp  # noqa: E402
 from hpsearch.spec import DataSpec  # noqa: E402
 from hpsearch.trainable import evaluate, train_epoch  # noqa: E402
-
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def make_model(device: torch.device) -> torch.nn.Module:
@@ -83,12 +83,12 @@ class TensorDatasetClassic(Dataset):
         return self.x[i], self.y[i]
 
 
-def torchvision_root() -> Path:
+def torchvision_root(source: Path) -> Path:
     """torchvision's FashionMNIST wants <root>/FashionMNIST/raw/<uncompressed files>."""
     root = Path(tempfile.mkdtemp(prefix="hpsearch-bench-"))
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for gz in FASHION_DIR.glob("*.gz"):
+    for gz in source.glob("*.gz"):
         with gzip.open(gz) as src, open(raw / gz.name[:-3], "wb") as dst:
             shutil.copyfileobj(src, dst)
     return root
@@ -114,13 +114,15 @@ def main() -> None:
           f" ({args.device}, {args.threads} thread{'s' if args.threads > 1 else ''})")
     print(f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}")
 
+    source, real = fashion_dir()
+    print(f"data: {'Fashion-MNIST' if real else 'SYNTHETIC Fashion-MNIST-shaped data (timings only)'} from {source}")
     # The same split for everyone: hpsearch's loader (train = 54k after a seeded 10% validation split).
-    ds = hdata.load(DataSpec(dataset="fashion_mnist", val_fraction=0.1), seed=0)
+    ds = hdata.load(DataSpec(dataset="fashion_mnist", root=str(source), download=False, val_fraction=0.1), seed=0)
     x_train, y_train = hdata.to_device(ds.train, ds, torch.device("cpu"))
     x_test, y_test = hdata.to_device(ds.test, ds, device)
     mean, std = ds.mean, ds.std
 
-    root = torchvision_root()
+    root = torchvision_root(source)
     tv = torchvision.datasets.FashionMNIST(
         str(root), train=True, download=False,
         transform=torchvision.transforms.Compose([torchvision.transforms.ToTensor(),

@@ -159,6 +159,9 @@ def _print_summary(s: Any) -> None:
     if s.tracking_uri:
         click.echo(f"MLflow:   {s.tracking_uri}  (parent run {s.parent_run_id}); "
                    f"view with: mlflow ui --backend-store-uri {s.tracking_uri}")
+    if s.stopped:
+        click.secho(f"\nsearch stopped early: {s.stopped}", fg="yellow", err=True)
+        raise SystemExit(130 if s.stopped.startswith("interrupted") else 1)
 
 
 def _short(v: Any) -> str:

@@ -31,17 +31,30 @@ CHECKPOINT_METRICS = "metrics.json"  # the epoch's metrics, beside it (to pick t
 # --------------------------------------------------------------------------------------------
 
 
-def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed: int, cpus: float, gpus: float) -> None:
-    """Tune's trainable: adapts :func:`hpsearch.trainable.train` to ``tune.report`` and checkpoints."""
+def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed: int, cpus: float, gpus: float,
+              ended: frozenset[str] = frozenset()) -> None:
+    """Tune's trainable: adapts :func:`hpsearch.trainable.train` to ``tune.report`` and checkpoints.
+
+    ``ended``: on resume, the trials our log saw end. Tune restores from its last experiment
+    snapshot, which can be older than a trial's end; such a trial must not run again (an
+    ASHA-stopped one would otherwise train to its full budget).
+    """
     import torch
 
     from hpsearch.trainable import train
+
+    if ended and tune.get_context().get_trial_id() in ended:
+        return
 
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    else:
+        # After a killed driver, Tune restores from its last experiment snapshot, which may predate
+        # the trial's newest checkpoints (or all of them); those are on disk all the same.
+        state = _latest_checkpoint_on_disk(Path(tune.get_context().get_trial_dir()))
 
     def report(metrics: dict[str, Any], to_save: dict[str, Any] | None) -> None:
         if to_save is None:
@@ -53,8 +66,31 @@ def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-    train(config, data=data, model_spec=model_spec, report=report, state=state, device=device,
-          num_threads=max(1, int(cpus)), seed=seed)
+    try:
+        train(config, data=data, model_spec=model_spec, report=report, state=state, device=device,
+              num_threads=max(1, int(cpus)), seed=seed)
+    except torch.cuda.OutOfMemoryError:
+        # One line a user can act on, instead of the allocator's page of numbers.
+        raise TrialOutOfMemory(
+            f"CUDA out of memory (batch_size={config.get('batch_size')}, "
+            f"{gpus:g} GPU per trial): use a smaller batch_size, or fewer trials per GPU "
+            "(a larger resources.gpu)"
+        ) from None
+
+
+def _latest_checkpoint_on_disk(trial_dir: Path) -> dict[str, Any] | None:
+    import torch
+
+    for folder in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
+        try:
+            return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception:  # a checkpoint cut short by the kill: try the one before
+            continue
+    return None
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial ran out of GPU memory."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,6 +115,23 @@ def trial_status(config: dict[str, Any], last: dict[str, Any] | None, error: str
     return "completed"
 
 
+class FailedTrialsLimit(tune.Stopper):
+    """Stops the whole search once ``limit`` trials have failed (``search.max_failed_trials``).
+
+    Tune's ``fit()`` does not stop or raise however many trials fail; the callback counts them here.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.failed = 0
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.limit is not None and self.failed >= self.limit
+
+
 class SearchCallback(tune.Callback):
     """Keeps our own record of every trial (a JSON-lines log in the search folder), feeds MLflow,
     and prints one line per finished trial.
@@ -87,31 +140,44 @@ class SearchCallback(tune.Callback):
     this log is what the Parquet tables, MLflow statuses and the summary are built from.
     """
 
-    def __init__(self, *, log_path: str, metric: str, num_samples: int, tracker: Tracker | None) -> None:
+    def __init__(self, *, log_path: str, metric: str, num_samples: int, tracker: Tracker | None,
+                 limit: FailedTrialsLimit) -> None:
         self.log_path = log_path
         self.metric = metric
         self.num_samples = num_samples
         self.tracker = tracker
+        self.limit = limit
         self._last: dict[str, dict[str, Any]] = {}
-        self._ended = 0
+        self._started: set[str] = set()
+        self._ended: dict[str, str] = {}  # trial id -> status
+        self._ended_before: set[str] = set()  # ended before this resume
 
     def setup(self, **info: Any) -> None:
-        # On resume: trials already ended count towards the progress shown.
-        self._ended = sum(1 for e in read_events(Path(self.log_path)) if e["event"] == "end")
+        # On resume: what ended before counts (progress, the failure limit) and stays as it was,
+        # even where Tune's older snapshot restarts it (run_trial then returns at once).
+        self._ended = ended_trials(Path(self.log_path))
+        self._ended_before = set(self._ended)
+        self.limit.failed = sum(1 for status in self._ended.values() if status == "failed")
         if self.tracker is not None:
             self.tracker.adopt_existing_runs()
 
     def _write(self, event: dict[str, Any]) -> None:
+        event.setdefault("time", time.time())
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(event, default=str) + "\n")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self._ended_before:
+            return
         self._write({"event": "start", "trial_id": trial.trial_id, "config": trial.config,
-                     "path": trial.path, "time": time.time()})
+                     "path": trial.path})
+        self._started.add(trial.trial_id)
         if self.tracker is not None:
             self.tracker.trial_started(trial.trial_id, trial.config)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if trial.trial_id in self._ended_before:
+            return
         keep = {k: result.get(k) for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "diverged",
                                            "epoch_time_s", "time_total_s", "timestamp")}
         self._last[trial.trial_id] = keep
@@ -120,7 +186,7 @@ class SearchCallback(tune.Callback):
             self.tracker.trial_result(trial.trial_id, keep)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._write({"event": "retry", "trial_id": trial.trial_id, "error": _error_text(trial), "time": time.time()})
+        self._write({"event": "retry", "trial_id": trial.trial_id, "error": _error_text(trial)})
         logger.info("trial %s crashed; retrying from its last checkpoint: %s", trial.trial_id, _error_text(trial))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -130,18 +196,33 @@ class SearchCallback(tune.Callback):
         self._end(trial, _error_text(trial) or "the trial failed")
 
     def _end(self, trial: Any, error: str | None) -> None:
+        if trial.trial_id in self._ended_before:
+            return
+        if trial.trial_id not in self._started:  # failed before it ever started (e.g. its actor died)
+            self.on_trial_start(0, [], trial)
         last = self._last.get(trial.trial_id) or _last_result(trial)
         status = trial_status(trial.config, last, error)
-        self._write({"event": "end", "trial_id": trial.trial_id, "status": status, "error": error, "time": time.time()})
+        self._write({"event": "end", "trial_id": trial.trial_id, "status": status, "error": error})
         if self.tracker is not None:
             self.tracker.trial_ended(trial.trial_id, status, error)
-        self._ended += 1
+        self._ended[trial.trial_id] = status
+        if status == "failed":
+            self.limit.failed += 1
         value = (last or {}).get(self.metric)
         shown = f"{self.metric} {value:.4f}" if isinstance(value, float) and math.isfinite(value) else ""
         epochs = int((last or {}).get("epoch") or 0)
         why = f" — {error}" if error else ""
-        logger.info("[%d/%d] trial %s %s after %d epoch%s %s%s", self._ended, self.num_samples, trial.trial_id,
+        logger.info("[%d/%d] trial %s %s after %d epoch%s %s%s", len(self._ended), self.num_samples, trial.trial_id,
                     status, epochs, "" if epochs == 1 else "s", shown, why)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # The trials Tune knows: after a restore, trials a killed driver had started but not yet
+        # saved are gone from it (they were replaced); the results leave those out.
+        self._write({"event": "trials", "ids": [t.trial_id for t in trials]})
+        for trial in trials:
+            if trial.trial_id in self._started and trial.trial_id not in self._ended and self.tracker is not None:
+                # Stopped by Ctrl-C / SIGTERM: it continues on resume; until then its run is KILLED.
+                self.tracker.trial_ended(trial.trial_id, "interrupted")
 
 
 def _last_result(trial: Any) -> dict[str, Any] | None:
@@ -163,6 +244,17 @@ def _error_text(trial: Any) -> str | None:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     # Ray wraps the user's exception; its last line is "Name: message".
     return lines[-1][:500] if lines else None
+
+
+def ended_trials(path: Path) -> dict[str, str]:
+    """Trial id -> status of every trial our log saw end (and not start again since)."""
+    ended: dict[str, str] = {}
+    for e in read_events(path):
+        if e["event"] == "start":
+            ended.pop(e["trial_id"], None)
+        elif e["event"] == "end":
+            ended[e["trial_id"]] = e["status"]
+    return ended
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

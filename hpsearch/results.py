@@ -27,7 +27,7 @@ MODEL_FILE = "best_model.pt"
 TRIAL_LOG = "hpsearch_trials.jsonl"  # our own record of what every trial did (raytune writes it)
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy")
-STATUSES = ("completed", "stopped early", "failed", "diverged", "not run")
+STATUSES = ("completed", "stopped early", "failed", "diverged", "interrupted", "not run")
 
 
 @dataclass
@@ -39,6 +39,7 @@ class TrialRecord:
     epochs: list[dict[str, Any]] = field(default_factory=list)  # one reported result per epoch
     error: str | None = None
     checkpoints: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (folder, its result)
+    ended: bool = True  # False: still running when the search stopped (it continues on resume)
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -48,6 +49,8 @@ class TrialRecord:
     def status(self) -> str:
         if self.error:
             return "failed"
+        if not self.ended:
+            return "interrupted"
         if not self.epochs:
             return "not run"
         last = self.epochs[-1]

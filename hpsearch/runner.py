@@ -10,14 +10,17 @@ the top: ``hpsearch --help`` and ``hpsearch validate`` stay instant.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from hpsearch import results
 from hpsearch.errors import SearchError, StorageError
@@ -39,10 +42,15 @@ class SearchSummary:
     wall_s: float = 0.0
     tracking_uri: str | None = None
     parent_run_id: str | None = None
+    stopped: str | None = None  # why the search ended before all its trials did, if it did
 
 
-def run_search(job: JobSpec, *, address: str | None = None) -> SearchSummary:
-    """Run the search a job describes and write its outputs. Raises HpsearchError on bad input."""
+def run_search(job: JobSpec, *, address: str | None = None, trial_fn: Any = None) -> SearchSummary:
+    """Run the search a job describes and write its outputs. Raises HpsearchError on bad input.
+
+    ``trial_fn`` replaces the per-trial function (tests inject faults through it); it takes the
+    same arguments as :func:`hpsearch.raytune.run_trial`.
+    """
     t_start = time.time()
     search_dir = job.storage_dir()
     if _has_search(search_dir):
@@ -55,7 +63,7 @@ def run_search(job: JobSpec, *, address: str | None = None) -> SearchSummary:
     try:
         search_dir.mkdir(parents=True, exist_ok=True)
         results.write_yaml(search_dir / results.JOB_FILE, job.to_dict())
-        return _fit(job, search_dir=search_dir, address=address, resume=False, t_start=t_start)
+        return _fit(job, search_dir=search_dir, address=address, resume=False, t_start=t_start, trial_fn=trial_fn)
     except BaseException:
         # Nothing half-written: a search that never got to run its trials leaves no folder.
         if created and not (search_dir / results.TRIAL_LOG).exists():
@@ -63,7 +71,8 @@ def run_search(job: JobSpec, *, address: str | None = None) -> SearchSummary:
         raise
 
 
-def resume_search(search_dir: str | os.PathLike[str], *, address: str | None = None) -> SearchSummary:
+def resume_search(search_dir: str | os.PathLike[str], *, address: str | None = None,
+                  trial_fn: Any = None) -> SearchSummary:
     """Continue a search stopped or killed midway: finished trials kept, unfinished ones resumed."""
     t_start = time.time()
     search_dir = Path(search_dir).expanduser().resolve()
@@ -79,7 +88,7 @@ def resume_search(search_dir: str | os.PathLike[str], *, address: str | None = N
     if not (search_dir / "tuner.pkl").exists():
         raise SearchError(f"{search_dir}: Ray Tune never started this search, so there is nothing to resume; "
                           "run it again with `hpsearch run`")
-    return _fit(job, search_dir=search_dir, address=address, resume=True, t_start=t_start)
+    return _fit(job, search_dir=search_dir, address=address, resume=True, t_start=t_start, trial_fn=trial_fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,33 +147,49 @@ def _init_ray(address: str | None) -> bool:
     return True
 
 
-def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t_start: float) -> SearchSummary:
+def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t_start: float,
+         trial_fn: Any = None) -> SearchSummary:
+    from concurrent.futures import ThreadPoolExecutor
+
     from hpsearch import data as data_mod
-    from hpsearch.tracking import Tracker
 
-    dataset = data_mod.load(job.data, seed=job.seed)
-    started_ray = _init_ray(address)
-    try:
-        tracker = None
-        state = _read_state(search_dir)
-        if job.tracking.enabled:
-            uri = state.get("tracking_uri") or job.tracking_uri()
-            tracker = Tracker(uri=uri, experiment=job.experiment, parent_run_id=state.get("parent_run_id"))
-            if tracker.parent_run_id is None:
-                tracker.start(job=job.to_dict(), run_name=job.name, job_file=search_dir / results.JOB_FILE)
-                _write_state(search_dir, {"tracking_uri": uri, "parent_run_id": tracker.parent_run_id})
-
+    tracker = _tracker(job, search_dir)
+    new_parent = tracker is not None and tracker.parent_run_id is None
+    started_ray = False
+    # The three set-up costs overlap: the data set is read and MLflow's store is opened in threads
+    # (file I/O and imports) while Ray starts its processes. Any failure among them stops the
+    # search before a trial runs, and what was set up is undone.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hpsearch-setup") as pool:
+        data_f = pool.submit(data_mod.load, job.data, seed=job.seed)
+        track_f = pool.submit(_start_tracking, tracker, job, search_dir) if new_parent else None
         try:
-            tuner = _tuner(job, search_dir=search_dir, dataset=dataset, tracker=tracker, resume=resume)
+            started_ray = _init_ray(address)
+            dataset = data_f.result()
+            if track_f is not None:
+                track_f.result()
+            tuner, gpu = _tuner(job, search_dir=search_dir, dataset=dataset, tracker=tracker, resume=resume,
+                                trial_fn=trial_fn)
         except BaseException:
-            if tracker is not None and not resume:
+            for f in (data_f, track_f):
+                if f is not None:
+                    f.cancel()
+            # exception() waits for a parent run still being created, so it is never left behind.
+            if new_parent and track_f is not None and not track_f.cancelled() and track_f.exception() is None:
                 tracker.abandon()
+            if started_ray:
+                import ray
+
+                ray.shutdown()
             raise
+    try:
         logger.info("search %s: %d trials, %s sampler, %s scheduler, %s cpu + %s gpu per trial",
                     job.name, job.search.num_samples, job.search.searcher.sampler, job.search.scheduler.name,
-                    job.resources.cpu, job.resources.gpu)
-        tuner.fit()
-        return _write_results(job, search_dir=search_dir, dataset=dataset, tracker=tracker, t_start=t_start)
+                    job.resources.cpu, gpu)
+        t_fit = time.time()
+        with _sigterm_stops_gracefully():
+            tuner.fit()
+        return _write_results(job, search_dir=search_dir, dataset=dataset, tracker=tracker, t_start=t_start,
+                              fit_s=time.time() - t_fit, gpu=gpu)
     finally:
         if started_ray:
             import ray
@@ -172,22 +197,63 @@ def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t
             ray.shutdown()
 
 
-def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume: bool) -> Any:
+def _tracker(job: JobSpec, search_dir: Path) -> Any:
+    if not job.tracking.enabled:
+        return None
+    from hpsearch.tracking import Tracker
+
+    state = _read_state(search_dir)
+    uri = state.get("tracking_uri") or job.tracking_uri()
+    return Tracker(uri=uri, experiment=job.experiment, parent_run_id=state.get("parent_run_id"))
+
+
+def _start_tracking(tracker: Any, job: JobSpec, search_dir: Path) -> None:
+    tracker.start(job=job.to_dict(), run_name=job.name, job_file=search_dir / results.JOB_FILE)
+    _write_state(search_dir, {"tracking_uri": tracker.uri, "parent_run_id": tracker.parent_run_id})
+
+
+@contextlib.contextmanager
+def _sigterm_stops_gracefully() -> Iterator[None]:
+    """SIGTERM (a scheduler, ``kill``, a pod's shutdown) stops the search like Ctrl-C does.
+
+    Tune handles SIGINT and SIGUSR1 by checkpointing the running trials and returning from
+    ``fit()``; it ignores SIGTERM. We pass SIGTERM on as SIGUSR1. Signal handlers can only be set
+    from the main thread; elsewhere the defaults stay.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGUSR1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume: bool,
+           trial_fn: Any = None) -> tuple[Any, float]:
+    """A new Tuner for the job, or the restored one of ``search_dir``; and the GPUs per trial."""
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from hpsearch import raytune, space
 
+    gpu = job.resources.gpu
+    if gpu is None:  # auto: pack four small-model trials onto each GPU, when there are GPUs
+        gpu = 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    ended = frozenset(raytune.ended_trials(search_dir / results.TRIAL_LOG)) if resume else frozenset()
     trainable = tune.with_resources(
         tune.with_parameters(
-            raytune.run_trial, data=dataset.for_trials(), model_spec=job.model, seed=job.seed,
-            cpus=job.resources.cpu, gpus=job.resources.gpu,
+            trial_fn or raytune.run_trial, data=dataset.for_trials(), model_spec=job.model, seed=job.seed,
+            cpus=job.resources.cpu, gpus=gpu, ended=ended,
         ),
-        {"cpu": job.resources.cpu, "gpu": job.resources.gpu},
+        {"cpu": job.resources.cpu, "gpu": gpu},
     )
     if resume:
-        return tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False)
+        tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False)
+        return tuner, gpu
 
     metric, mode = job.search.metric, job.search.mode
     searcher = raytune.HonestOptunaSearch(space=space.define_by_run(job), metric=metric, mode=mode,
@@ -198,9 +264,10 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
                                   grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
     else:
         scheduler = FIFOScheduler()
+    limit = raytune.FailedTrialsLimit(job.search.max_failed_trials)
     callback = raytune.SearchCallback(log_path=str(search_dir / results.TRIAL_LOG), metric=metric,
-                                      num_samples=job.search.num_samples, tracker=tracker)
-    return tune.Tuner(
+                                      num_samples=job.search.num_samples, tracker=tracker, limit=limit)
+    tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
@@ -215,6 +282,7 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
             name=search_dir.name,
             storage_path=str(search_dir.parent),
             callbacks=[callback],
+            stop=limit,
             failure_config=tune.FailureConfig(max_failures=job.search.max_failures),
             # Keep the best checkpoints (for the test score) and, always, the latest (for resume).
             # Each deletion forces an experiment snapshot: 2, not 1, halves those.
@@ -223,9 +291,11 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
             verbose=0,
         ),
     )
+    return tuner, gpu
 
 
-def _write_results(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, t_start: float) -> SearchSummary:
+def _write_results(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, t_start: float,
+                   fit_s: float, gpu: float) -> SearchSummary:
     from hpsearch import raytune
 
     records = records_from_log(search_dir)
@@ -237,7 +307,7 @@ def _write_results(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any
         from hpsearch.trainable import score_test_set
 
         state = torch.load(Path(checkpoint_dir) / raytune.STATE_FILE, map_location="cpu", weights_only=True)
-        device = "cuda" if job.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
+        device = "cuda" if gpu > 0 and torch.cuda.is_available() else "cpu"
         return score_test_set(state, config, data=dataset, model_spec=job.model, device=device), state["model"]
 
     best = results.write_outputs(search_dir, records, metric=metric, mode=mode, test_score=test_score)
@@ -246,38 +316,61 @@ def _write_results(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
+
+    stopped = None
+    failed = counts.get("failed", 0)
+    if job.search.max_failed_trials is not None and failed >= job.search.max_failed_trials:
+        stopped = (f"{failed} trials failed (search.max_failed_trials: {job.search.max_failed_trials}); "
+                   f"their errors are in {results.TRIALS_FILE}")
+    elif counts.get("interrupted", 0) or (
+        len(records) < job.search.num_samples
+        and not (job.search.time_budget_s and fit_s >= job.search.time_budget_s * 0.98)
+    ):
+        stopped = f"interrupted; continue with: hpsearch resume {search_dir}"
+
     if tracker is not None:
+        # One child run per trial of the search, with our status; orphans and duplicates closed.
+        tracker.reconcile({r.trial_id: r.status for r in records})
         files = [search_dir / name for name in (results.BEST_FILE, results.TRIALS_FILE, results.EPOCHS_FILE)]
-        tracker.finish(best=best, files=files, model_file=search_dir / results.MODEL_FILE,
-                       status="FINISHED" if best else "FAILED")
+        status = "KILLED" if stopped and stopped.startswith("interrupted") else ("FINISHED" if best else "FAILED")
+        tracker.finish(best=best, files=files, model_file=search_dir / results.MODEL_FILE, status=status)
     return SearchSummary(
         search_dir=search_dir, best=best, counts=counts, top=results.top_trials(rows, metric=metric, mode=mode),
         wall_s=time.time() - t_start, tracking_uri=tracker.uri if tracker else None,
-        parent_run_id=tracker.parent_run_id if tracker else None,
+        parent_run_id=tracker.parent_run_id if tracker else None, stopped=stopped,
     )
 
 
 def records_from_log(search_dir: Path) -> list[results.TrialRecord]:
-    """Fold our trial log into one record per trial (epochs de-duplicated across retries/resumes)."""
+    """Fold our trial log into one record per trial (epochs de-duplicated across retries/resumes).
+
+    Left out: orphans, trials a killed driver started that Tune did not know after its restore
+    (new trials replaced them, so they are no trials of the search).
+    """
     from hpsearch import raytune
 
     by_id: dict[str, results.TrialRecord] = {}
     epochs: dict[str, dict[int, dict[str, Any]]] = {}
     paths: dict[str, str] = {}
+    known: set[str] | None = None
     for e in raytune.read_events(search_dir / results.TRIAL_LOG):
         tid = e.get("trial_id")
         if e["event"] == "start":
             rec = by_id.setdefault(tid, results.TrialRecord(trial_id=tid, config=e["config"]))
-            rec.error = None  # a resumed trial starts over its outcome
+            rec.error, rec.ended = None, False  # a resumed trial starts its outcome over
             paths[tid] = e.get("path") or paths.get(tid, "")
-        elif tid in by_id and e["event"] == "result":
+        elif e["event"] == "trials":
+            known = set(e["ids"])
+        elif tid not in by_id:
+            continue
+        elif e["event"] == "result":
             epochs.setdefault(tid, {})[int(e.get("epoch") or 0)] = e
-        elif tid in by_id and e["event"] == "end":
-            by_id[tid].error = e.get("error")
+        elif e["event"] == "end":
+            by_id[tid].error, by_id[tid].ended = e.get("error"), True
     for tid, rec in by_id.items():
         rec.epochs = [epochs.get(tid, {})[k] for k in sorted(epochs.get(tid, {}))]
         rec.checkpoints = _checkpoints(Path(paths.get(tid, "")))
-    return list(by_id.values())
+    return [r for tid, r in by_id.items() if known is None or tid in known]
 
 
 def _checkpoints(trial_dir: Path) -> list[tuple[str, dict[str, Any]]]:

@@ -151,6 +151,7 @@ class SearchSpec:
     max_concurrent_trials: int | None = None  # None = as many as the resources allow
     time_budget_s: float | None = None  # seconds for the whole search; None = no limit
     max_failures: int = 1  # retries of a crashed trial, each from its last checkpoint
+    max_failed_trials: int | None = None  # stop the whole search once this many trials failed
     searcher: SearcherSpec = field(default_factory=SearcherSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
 
@@ -158,7 +159,9 @@ class SearchSpec:
 @dataclass(frozen=True)
 class ResourcesSpec:
     cpu: float = 1  # per trial; also the trial's torch threads
-    gpu: float = 0  # per trial; a fraction packs trials onto one GPU
+    # GPUs per trial; a fraction packs trials onto one GPU. None ("auto"): 0.25 where the Ray
+    # runtime has GPUs (four small-model trials share each GPU), else 0.
+    gpu: float | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,7 @@ class JobSpec:
                 "max_concurrent_trials": self.search.max_concurrent_trials,
                 "time_budget_s": self.search.time_budget_s,
                 "max_failures": self.search.max_failures,
+                "max_failed_trials": self.search.max_failed_trials,
                 "searcher": vars(self.search.searcher).copy(),
                 "scheduler": (
                     {"name": "fifo"}
@@ -243,7 +247,8 @@ class JobSpec:
                     }
                 ),
             },
-            "resources": vars(self.resources).copy(),
+            "resources": {"cpu": self.resources.cpu,
+                          "gpu": "auto" if self.resources.gpu is None else self.resources.gpu},
             "tracking": {
                 "enabled": self.tracking.enabled,
                 "uri": self.tracking.uri,
@@ -353,6 +358,16 @@ def _as_number(value: Any) -> Any:
     return value
 
 
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+def _join(path: str, key: Any) -> str:
+    """``space.learning_rate``, or ``data[':']`` for a key that is no plain name."""
+    if isinstance(key, str) and _KEY_RE.match(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{key!r}]" if path else f"[{key!r}]"
+
+
 def _mapping(p: _Problems, raw: Any, path: str, known: tuple[str, ...]) -> dict[str, Any]:
     if raw is None:
         return {}
@@ -363,7 +378,7 @@ def _mapping(p: _Problems, raw: Any, path: str, known: tuple[str, ...]) -> dict[
         if key not in known:
             hint = difflib.get_close_matches(str(key), known, n=1)
             did = f"; did you mean {hint[0]!r}?" if hint else ""
-            p.add(f"{path}.{key}" if path else str(key), f"unknown key (known: {', '.join(known)}){did}")
+            p.add(_join(path, key), f"unknown key (known: {', '.join(known)}){did}")
     return raw
 
 
@@ -449,9 +464,9 @@ def validate(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
     r = _mapping(p, top.get("resources"), "resources", ("cpu", "gpu"))
     resources = ResourcesSpec(
         cpu=_get(p, r, "resources", "cpu", "float", ResourcesSpec.cpu, lambda v: v > 0, "a number > 0"),
-        gpu=_get(p, r, "resources", "gpu", "float", ResourcesSpec.gpu,
+        gpu=None if r.get("gpu") == "auto" else _get(p, r, "resources", "gpu", "float", ResourcesSpec.gpu,
                  lambda v: v == 0 or 0 < v < 1 or float(v).is_integer(),
-                 "0, a fraction in (0, 1), or a whole number of GPUs"),
+                 "auto, 0, a fraction in (0, 1), or a whole number of GPUs"),
     )
 
     t = _mapping(p, top.get("tracking"), "tracking", ("enabled", "uri", "experiment"))
@@ -473,7 +488,8 @@ def validate(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
 
 def _search(p: _Problems, raw: Any) -> SearchSpec:
     s = _mapping(p, raw, "search", ("metric", "mode", "num_samples", "max_concurrent_trials",
-                                     "time_budget_s", "max_failures", "searcher", "scheduler"))
+                                     "time_budget_s", "max_failures", "max_failed_trials", "searcher",
+                                     "scheduler"))
     metric = _one_of(p, s, "search", "metric", tuple(METRICS), SearchSpec.metric)
     mode = _one_of(p, s, "search", "mode", ("max", "min"), METRICS.get(metric, "max"))
     if metric in METRICS and mode in ("max", "min") and mode != METRICS[metric]:
@@ -514,6 +530,8 @@ def _search(p: _Problems, raw: Any) -> SearchSpec:
         time_budget_s=_get(p, s, "search", "time_budget_s", "float", None, lambda v: v > 0, "a number of seconds > 0"),
         max_failures=_get(p, s, "search", "max_failures", "int", SearchSpec.max_failures,
                           lambda v: v >= 0, "an integer >= 0"),
+        max_failed_trials=_get(p, s, "search", "max_failed_trials", "int", None, lambda v: v >= 1,
+                               "an integer >= 1 (failed trials that stop the search)"),
         searcher=searcher,
         scheduler=scheduler,
     )
@@ -527,7 +545,7 @@ def _space(p: _Problems, raw: Any, *, sampler: str) -> tuple[tuple[str, Param], 
         return ()
     out = []
     for name, spec in raw.items():
-        path = f"space.{name}"
+        path = _join("space", name)
         hp = HYPERPARAMETERS.get(name)
         if hp is None:
             hint = difflib.get_close_matches(str(name), HYPERPARAMETERS, n=1)

@@ -26,7 +26,8 @@ TRIAL_ID_TAG = "hpsearch.trial_id"
 STATUS_TAG = "hpsearch.status"
 METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "epoch_time_s")
 # our trial status -> MLflow run status
-_RUN_STATUS = {"completed": "FINISHED", "stopped early": "FINISHED", "failed": "FAILED", "diverged": "FAILED"}
+_RUN_STATUS = {"completed": "FINISHED", "stopped early": "FINISHED", "failed": "FAILED", "diverged": "FAILED",
+               "interrupted": "KILLED", "discarded": "KILLED"}
 
 
 class Tracker:
@@ -114,6 +115,13 @@ class Tracker:
 
         if trial_id in self._runs:
             return  # a retry or a resume of the same trial: same run
+        existing = self.client.search_runs(
+            [self._experiment_id()], max_results=1,
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
+        )
+        if existing:  # started by an earlier, killed driver
+            self._runs[trial_id] = existing[0].info.run_id
+            return
         run = self.client.create_run(
             self._experiment_id(), run_name=trial_id,
             tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_ID_TAG: trial_id},
@@ -148,6 +156,31 @@ class Tracker:
         self.client.set_terminated(run_id, status=_RUN_STATUS.get(status, "FINISHED"))
 
     # -- the end of the search ----------------------------------------------------------------
+
+    def reconcile(self, statuses: Mapping[str, str]) -> None:
+        """Make MLflow agree with our record after crashes and resumes: one child run per trial
+        with its final status; runs of trials the search does not count, or duplicates left by a
+        killed driver, are closed as KILLED and tagged ``discarded`` — none stays RUNNING."""
+        self._safe(self._reconcile, statuses)
+
+    def _reconcile(self, statuses: Mapping[str, str]) -> None:
+        runs = self.client.search_runs(
+            [self._experiment_id()], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+            max_results=50_000,
+        )
+        keep: dict[str, str] = {}
+        for run in sorted(runs, key=lambda r: r.info.start_time):
+            trial_id = run.data.tags.get(TRIAL_ID_TAG)
+            if trial_id in statuses and trial_id not in keep and run.data.tags.get(STATUS_TAG) != "discarded":
+                keep[trial_id] = run.info.run_id
+                wanted = _RUN_STATUS.get(statuses[trial_id], "FINISHED")
+                if run.info.status != wanted or run.data.tags.get(STATUS_TAG) != statuses[trial_id]:
+                    self.client.set_tag(run.info.run_id, STATUS_TAG, statuses[trial_id])
+                    self.client.set_terminated(run.info.run_id, status=wanted)
+            elif run.data.tags.get(STATUS_TAG) != "discarded" or run.info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, STATUS_TAG, "discarded")
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+        self._runs.update(keep)
 
     def finish(self, *, best: Mapping[str, Any] | None, files: list[Path], model_file: Path | None,
                status: str = "FINISHED") -> None:
