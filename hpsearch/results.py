@@ -27,7 +27,6 @@ MODEL_FILE = "best_model.pt"
 TRIAL_LOG = "hpsearch_trials.jsonl"  # our own record of what every trial did (raytune writes it)
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy")
-STATUSES = ("completed", "stopped early", "failed", "diverged", "interrupted", "not run")
 
 
 @dataclass
