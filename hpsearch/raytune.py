@@ -32,9 +32,10 @@ CHECKPOINT_METRICS = "metrics.json"  # the epoch's metrics, beside it (to pick t
 
 
 def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed: int, cpus: float, gpus: float,
-              ended: frozenset[str] = frozenset()) -> None:
+              search_dir: str = "", ended: frozenset[str] = frozenset()) -> None:
     """Tune's trainable: adapts :func:`hpsearch.trainable.train` to ``tune.report`` and checkpoints.
 
+    ``search_dir``: the search's folder in the storage, where the trial's checkpoints are kept.
     ``ended``: on resume, the trials our log saw end. Tune restores from its last experiment
     snapshot, which can be older than a trial's end; such a trial must not run again (an
     ASHA-stopped one would otherwise train to its full budget).
@@ -43,7 +44,8 @@ def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed:
 
     from hpsearch.trainable import train
 
-    if ended and tune.get_context().get_trial_id() in ended:
+    trial_id = tune.get_context().get_trial_id()
+    if trial_id in ended:
         return
 
     state = None
@@ -54,7 +56,7 @@ def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed:
     else:
         # After a killed driver, Tune restores from its last experiment snapshot, which may predate
         # the trial's newest checkpoints (or all of them); those are on disk all the same.
-        state = _latest_checkpoint_on_disk(Path(tune.get_context().get_trial_dir()))
+        state = _latest_checkpoint_on_disk(Path(search_dir) / trial_dirname(trial_id)) if search_dir else None
 
     def report(metrics: dict[str, Any], to_save: dict[str, Any] | None) -> None:
         if to_save is None:
@@ -100,7 +102,7 @@ class TrialOutOfMemory(RuntimeError):
 
 def trial_dirname(trial: Any) -> str:
     """``trial_<id>``: Tune's default folder name spells out the whole config (and gets cut)."""
-    return f"trial_{trial.trial_id}"
+    return f"trial_{trial if isinstance(trial, str) else trial.trial_id}"
 
 
 def trial_status(config: dict[str, Any], last: dict[str, Any] | None, error: str | None) -> str:

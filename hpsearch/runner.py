@@ -246,7 +246,7 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_fn or raytune.run_trial, data=dataset.for_trials(), model_spec=job.model, seed=job.seed,
-            cpus=job.resources.cpu, gpus=gpu, ended=ended,
+            cpus=job.resources.cpu, gpus=gpu, search_dir=str(search_dir), ended=ended,
         ),
         {"cpu": job.resources.cpu, "gpu": gpu},
     )

@@ -38,11 +38,27 @@ class Tracker:
         self.experiment_id: str | None = None
         self._runs: dict[str, str] = {}  # trial id -> child run id
         self._client: Any = None
+        self._writer: Any = None  # one background thread for per-trial writes, created on first use
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_client"] = None
+        state["_client"] = state["_writer"] = None
         return state
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        """Run a per-trial write off Tune's event loop, in order. The loop hands results to the
+        trials' next epochs; a SQLite write there would stall them."""
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpsearch-mlflow")
+        self._writer.submit(self._safe, fn, *args)
+
+    def flush(self) -> None:
+        """Wait for every queued write."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     @property
     def client(self) -> Any:
@@ -93,7 +109,7 @@ class Tracker:
 
     def adopt_existing_runs(self) -> None:
         """On resume: map trials that already have a child run to it, so none is duplicated."""
-        self._safe(self._adopt_existing_runs)
+        self._submit(self._adopt_existing_runs)
 
     def _adopt_existing_runs(self) -> None:
         if not self.parent_run_id:
@@ -108,7 +124,7 @@ class Tracker:
                 self._runs[trial_id] = run.info.run_id
 
     def trial_started(self, trial_id: str, config: Mapping[str, Any]) -> None:
-        self._safe(self._trial_started, trial_id, config)
+        self._submit(self._trial_started, trial_id, dict(config))
 
     def _trial_started(self, trial_id: str, config: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -130,7 +146,7 @@ class Tracker:
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.items()])
 
     def trial_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
-        self._safe(self._trial_result, trial_id, result)
+        self._submit(self._trial_result, trial_id, dict(result))
 
     def _trial_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -144,7 +160,7 @@ class Tracker:
         self.client.log_batch(run_id, metrics=metrics)
 
     def trial_ended(self, trial_id: str, status: str, error: str | None = None) -> None:
-        self._safe(self._trial_ended, trial_id, status, error)
+        self._submit(self._trial_ended, trial_id, status, error)
 
     def _trial_ended(self, trial_id: str, status: str, error: str | None) -> None:
         run_id = self._runs.get(trial_id)
@@ -161,6 +177,7 @@ class Tracker:
         """Make MLflow agree with our record after crashes and resumes: one child run per trial
         with its final status; runs of trials the search does not count, or duplicates left by a
         killed driver, are closed as KILLED and tagged ``discarded`` — none stays RUNNING."""
+        self.flush()
         self._safe(self._reconcile, statuses)
 
     def _reconcile(self, statuses: Mapping[str, str]) -> None:
@@ -184,6 +201,7 @@ class Tracker:
 
     def finish(self, *, best: Mapping[str, Any] | None, files: list[Path], model_file: Path | None,
                status: str = "FINISHED") -> None:
+        self.flush()
         self._safe(self._finish, best, files, model_file, status)
 
     def _finish(self, best: Mapping[str, Any] | None, files: list[Path], model_file: Path | None, status: str) -> None:
