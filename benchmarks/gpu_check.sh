@@ -6,13 +6,14 @@
 # Optuna: first run ../shared/gpu/pack_wheels.sh here, carry .whl, and this script installs them.
 # Fashion-MNIST does not fit beside the wheels in the 64 MiB sent: the benchmarks then write
 # synthetic data of the same shape (timings hold; accuracies mean nothing there).
-# On a CPU machine, DEVICE=cpu TRIALS=4 checks the script itself.
+# On a CPU machine, DEVICE=cpu TRIALS=4 EPOCHS=1 checks the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_figures}}
 mkdir -p "$out"
 device=${DEVICE:-cuda}
 trials=${TRIALS:-16}
+epochs=${EPOCHS:-3}
 if [ -d .whl ] && ! python3 -c "import ray" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -25,7 +26,7 @@ print("torch", torch.__version__, "ray", ray.__version__, "optuna", optuna.__ver
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PY
 
-timeout 240 python3 benchmarks/trainable.py --device "$device" --epochs 3 --batch-sizes 64 128 2>&1 | tee "$out/trainable.txt"
+timeout 240 python3 benchmarks/trainable.py --device "$device" --epochs "$epochs" --batch-sizes 64 128 2>&1 | tee "$out/trainable.txt"
 
 if [ "$device" = cuda ]; then packed=0.25; single=1; else packed=0; single=0; fi
 for gpu in $packed $single; do

@@ -1,4 +1,5 @@
-"""Ray Tune glue: the per-trial function, the driver-side callback, and the Optuna searcher.
+"""Ray Tune glue on the driver: the callback that records every trial, the Optuna searcher, the
+failure limit. (The function every trial runs is in :mod:`hpsearch.trial`.)
 
 Imported only by :mod:`hpsearch.runner`, after it has decided how Ray must be configured (some
 of Ray's settings are read once, when ``ray`` is first imported).
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,92 +17,14 @@ from typing import Any
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from hpsearch.spec import ModelSpec, resolve_hyperparameters
+from hpsearch.spec import resolve_hyperparameters
 from hpsearch.tracking import Tracker
 
 logger = logging.getLogger("hpsearch.runner")
 
-STATE_FILE = "state.pt"  # model + optimizer + epoch, in each checkpoint folder
-CHECKPOINT_METRICS = "metrics.json"  # the epoch's metrics, beside it (to pick the best checkpoint)
-
-
-# --------------------------------------------------------------------------------------------
-# Runs in the trial's worker process.
-# --------------------------------------------------------------------------------------------
-
-
-def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed: int, cpus: float, gpus: float,
-              search_dir: str = "", ended: frozenset[str] = frozenset()) -> None:
-    """Tune's trainable: adapts :func:`hpsearch.trainable.train` to ``tune.report`` and checkpoints.
-
-    ``search_dir``: the search's folder in the storage, where the trial's checkpoints are kept.
-    ``ended``: on resume, the trials our log saw end. Tune restores from its last experiment
-    snapshot, which can be older than a trial's end; such a trial must not run again (an
-    ASHA-stopped one would otherwise train to its full budget).
-    """
-    import torch
-
-    from hpsearch.trainable import train
-
-    trial_id = tune.get_context().get_trial_id()
-    if trial_id in ended:
-        return
-
-    state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-    else:
-        # After a killed driver, Tune restores from its last experiment snapshot, which may predate
-        # the trial's newest checkpoints (or all of them); those are on disk all the same.
-        state = _latest_checkpoint_on_disk(Path(search_dir) / trial_dirname(trial_id)) if search_dir else None
-
-    def report(metrics: dict[str, Any], to_save: dict[str, Any] | None) -> None:
-        if to_save is None:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(to_save, Path(folder) / STATE_FILE)
-            (Path(folder) / CHECKPOINT_METRICS).write_text(json.dumps(metrics))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-
-    device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-    try:
-        train(config, data=data, model_spec=model_spec, report=report, state=state, device=device,
-              num_threads=max(1, int(cpus)), seed=seed)
-    except torch.cuda.OutOfMemoryError:
-        # One line a user can act on, instead of the allocator's page of numbers.
-        raise TrialOutOfMemory(
-            f"CUDA out of memory (batch_size={config.get('batch_size')}, "
-            f"{gpus:g} GPU per trial): use a smaller batch_size, or fewer trials per GPU "
-            "(a larger resources.gpu)"
-        ) from None
-
-
-def _latest_checkpoint_on_disk(trial_dir: Path) -> dict[str, Any] | None:
-    import torch
-
-    for folder in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
-        try:
-            return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        except Exception:  # a checkpoint cut short by the kill: try the one before
-            continue
-    return None
-
-
-class TrialOutOfMemory(RuntimeError):
-    """A trial ran out of GPU memory."""
-
-
 # --------------------------------------------------------------------------------------------
 # Runs in the driver.
 # --------------------------------------------------------------------------------------------
-
-
-def trial_dirname(trial: Any) -> str:
-    """``trial_<id>``: Tune's default folder name spells out the whole config (and gets cut)."""
-    return f"trial_{trial if isinstance(trial, str) else trial.trial_id}"
 
 
 def trial_status(config: dict[str, Any], last: dict[str, Any] | None, error: str | None) -> str:

@@ -11,6 +11,7 @@ the top: ``hpsearch --help`` and ``hpsearch validate`` stay instant.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -49,7 +50,7 @@ def run_search(job: JobSpec, *, address: str | None = None, trial_fn: Any = None
     """Run the search a job describes and write its outputs. Raises HpsearchError on bad input.
 
     ``trial_fn`` replaces the per-trial function (tests inject faults through it); it takes the
-    same arguments as :func:`hpsearch.raytune.run_trial`.
+    same arguments as :func:`hpsearch.trial.run_trial`.
     """
     t_start = time.time()
     search_dir = job.storage_dir()
@@ -164,9 +165,13 @@ def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t
         track_f = pool.submit(_start_tracking, tracker, job, search_dir) if new_parent else None
         try:
             started_ray = _init_ray(address)
+            logger.debug("%.1f s: Ray ready", time.time() - t_start)
+
             dataset = data_f.result()
+            logger.debug("%.1f s: data ready", time.time() - t_start)
             if track_f is not None:
                 track_f.result()
+                logger.debug("%.1f s: MLflow ready", time.time() - t_start)
             tuner, gpu = _tuner(job, search_dir=search_dir, dataset=dataset, tracker=tracker, resume=resume,
                                 trial_fn=trial_fn)
         except BaseException:
@@ -186,15 +191,31 @@ def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t
                     job.name, job.search.num_samples, job.search.searcher.sampler, job.search.scheduler.name,
                     job.resources.cpu, gpu)
         t_fit = time.time()
+        logger.debug("%.1f s: fit starts", t_fit - t_start)
+        # The test score at the end needs torch in the driver: import it while the trials run.
+        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
         with _sigterm_stops_gracefully():
             tuner.fit()
-        return _write_results(job, search_dir=search_dir, dataset=dataset, tracker=tracker, t_start=t_start,
-                              fit_s=time.time() - t_fit, gpu=gpu)
+        logger.debug("%.1f s: fit done", time.time() - t_start)
+        # The outputs need no Ray: write them while Ray shuts down (seconds, on a small machine).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpsearch-results") as pool:
+            summary = pool.submit(_write_results, job, search_dir=search_dir, dataset=dataset, tracker=tracker,
+                                  t_start=t_start, fit_s=time.time() - t_fit, gpu=gpu)
+            if started_ray:
+                _shutdown_ray()
+                started_ray = False
+            result = summary.result()
+        result.wall_s = time.time() - t_start
+        return result
     finally:
         if started_ray:
-            import ray
+            _shutdown_ray()
 
-            ray.shutdown()
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
 
 
 def _tracker(job: JobSpec, search_dir: Path) -> Any:
@@ -237,7 +258,7 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from hpsearch import raytune, space
+    from hpsearch import raytune, space, trial
 
     gpu = job.resources.gpu
     if gpu is None:  # auto: pack four small-model trials onto each GPU, when there are GPUs
@@ -245,7 +266,7 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
     ended = frozenset(raytune.ended_trials(search_dir / results.TRIAL_LOG)) if resume else frozenset()
     trainable = tune.with_resources(
         tune.with_parameters(
-            trial_fn or raytune.run_trial, data=dataset.for_trials(), model_spec=job.model, seed=job.seed,
+            trial_fn or trial.run_trial, data=dataset.for_trials(), model_spec=job.model, seed=job.seed,
             cpus=job.resources.cpu, gpus=gpu, search_dir=str(search_dir), ended=ended,
         ),
         {"cpu": job.resources.cpu, "gpu": gpu},
@@ -275,7 +296,7 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
             num_samples=job.search.num_samples,
             max_concurrent_trials=job.search.max_concurrent_trials,
             time_budget_s=job.search.time_budget_s,
-            trial_dirname_creator=raytune.trial_dirname,
+            trial_dirname_creator=trial.trial_dirname,
             reuse_actors=True,  # measured: 16 one-second trials, 47 s with fresh actors, 8 s reused
         ),
         run_config=tune.RunConfig(
@@ -296,7 +317,7 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
 
 def _write_results(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, t_start: float,
                    fit_s: float, gpu: float) -> SearchSummary:
-    from hpsearch import raytune
+    from hpsearch.trial import STATE_FILE
 
     records = records_from_log(search_dir)
     metric, mode = job.search.metric, job.search.mode
@@ -306,7 +327,7 @@ def _write_results(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any
 
         from hpsearch.trainable import score_test_set
 
-        state = torch.load(Path(checkpoint_dir) / raytune.STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
         device = "cuda" if gpu > 0 and torch.cuda.is_available() else "cpu"
         return score_test_set(state, config, data=dataset, model_spec=job.model, device=device), state["model"]
 
@@ -374,13 +395,13 @@ def records_from_log(search_dir: Path) -> list[results.TrialRecord]:
 
 
 def _checkpoints(trial_dir: Path) -> list[tuple[str, dict[str, Any]]]:
-    from hpsearch import raytune
+    from hpsearch.trial import CHECKPOINT_METRICS, STATE_FILE
 
     found = []
     if trial_dir.is_dir():
         for folder in sorted(trial_dir.glob("checkpoint_*")):
-            meta = folder / raytune.CHECKPOINT_METRICS
-            if meta.is_file() and (folder / raytune.STATE_FILE).is_file():
+            meta = folder / CHECKPOINT_METRICS
+            if meta.is_file() and (folder / STATE_FILE).is_file():
                 found.append((str(folder), json.loads(meta.read_text())))
     return found
 

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from ray import cloudpickle
 
 from hpsearch import raytune, runner
+from hpsearch.trial import run_trial
 from hpsearch.spec import load_job, validate
 
 pytestmark = pytest.mark.slow
@@ -43,9 +44,9 @@ def crash_once_after_two_epochs(marker_dir: str):
             except FileExistsError:
                 pass
             else:
-                raytune.run_trial({**config, "epochs": 2}, **kw)
+                run_trial({**config, "epochs": 2}, **kw)
                 raise RuntimeError("injected crash after epoch 2")
-        raytune.run_trial(config, **kw)
+        run_trial(config, **kw)
 
     return trial
 
@@ -53,7 +54,7 @@ def crash_once_after_two_epochs(marker_dir: str):
 def fail_when_lr_is_bad(config, **kw):
     if config["learning_rate"] == 0.123:
         raise ValueError("injected failure for learning_rate 0.123")
-    raytune.run_trial(config, **kw)
+    run_trial(config, **kw)
 
 
 def always_fail(config, **kw):
