@@ -182,14 +182,12 @@ def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t
             if new_parent and track_f is not None and not track_f.cancelled() and track_f.exception() is None:
                 tracker.abandon()
             if started_ray:
-                import ray
-
-                ray.shutdown()
+                _shutdown_ray()
             raise
     try:
         logger.info("search %s: %d trials, %s sampler, %s scheduler, %s cpu + %s gpu per trial",
                     job.name, job.search.num_samples, job.search.searcher.sampler, job.search.scheduler.name,
-                    job.resources.cpu, gpu)
+                    f"{job.resources.cpu:g}", f"{gpu:g}")
         t_fit = time.time()
         logger.debug("%.1f s: fit starts", t_fit - t_start)
         # The test score at the end needs torch in the driver: import it while the trials run.
