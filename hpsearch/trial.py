@@ -76,7 +76,14 @@ def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed:
 def _latest_checkpoint_on_disk(trial_dir: Path) -> dict[str, Any] | None:
     import torch
 
-    for folder in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
+    def epoch(folder: Path) -> int:
+        # By the epoch it holds, not the folder's number: Tune numbers anew after a restore.
+        try:
+            return int(json.loads((folder / CHECKPOINT_METRICS).read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return -1
+
+    for folder in sorted(trial_dir.glob("checkpoint_*"), key=epoch, reverse=True):
         try:
             return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception:  # a checkpoint cut short by the kill: try the one before
