@@ -17,7 +17,7 @@ from typing import Any
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from hpsearch.spec import resolve_hyperparameters
+from hpsearch.results import trial_status
 from hpsearch.tracking import Tracker
 
 logger = logging.getLogger("hpsearch.runner")
@@ -25,18 +25,6 @@ logger = logging.getLogger("hpsearch.runner")
 # --------------------------------------------------------------------------------------------
 # Runs in the driver.
 # --------------------------------------------------------------------------------------------
-
-
-def trial_status(config: dict[str, Any], last: dict[str, Any] | None, error: str | None) -> str:
-    if error:
-        return "failed"
-    if not last:
-        return "not run"
-    if last.get("diverged"):
-        return "diverged"
-    if int(last.get("epoch", 0)) < int(resolve_hyperparameters(config)["epochs"]):
-        return "stopped early"
-    return "completed"
 
 
 class FailedTrialsLimit(tune.Stopper):

@@ -29,6 +29,19 @@ TRIAL_LOG = "hpsearch_trials.jsonl"  # our own record of what every trial did (r
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy")
 
 
+def trial_status(config: Mapping[str, Any], last: Mapping[str, Any] | None, error: str | None) -> str:
+    """How a trial that ended came out, from its config, last reported result and error."""
+    if error:
+        return "failed"
+    if not last:
+        return "not run"
+    if last.get("diverged"):
+        return "diverged"
+    if int(last.get("epoch", 0)) < int(resolve_hyperparameters(config)["epochs"]):
+        return "stopped early"
+    return "completed"
+
+
 @dataclass
 class TrialRecord:
     """What one trial did, as plain data (the runner builds these from Ray's results)."""
@@ -46,18 +59,9 @@ class TrialRecord:
 
     @property
     def status(self) -> str:
-        if self.error:
-            return "failed"
-        if not self.ended:
+        if not self.ended and not self.error:
             return "interrupted"
-        if not self.epochs:
-            return "not run"
-        last = self.epochs[-1]
-        if last.get("diverged"):
-            return "diverged"
-        if int(last.get("epoch", 0)) < int(self.hyperparameters["epochs"]):
-            return "stopped early"
-        return "completed"
+        return trial_status(self.config, self.epochs[-1] if self.epochs else None, self.error)
 
     def best_epoch(self, metric: str, mode: str) -> dict[str, Any] | None:
         scored = [e for e in self.epochs if _finite(e.get(metric))]
