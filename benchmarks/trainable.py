@@ -39,7 +39,7 @@ from _common import fashion_dir  # noqa: E402
 from hpsearch import data as hdata  # noqa: E402
 from hpsearch.models import mlp  # noqa: E402
 from hpsearch.spec import DataSpec  # noqa: E402
-from hpsearch.trainable import evaluate, train_epoch  # noqa: E402
+from hpsearch.trainable import evaluate, in_batches, shuffled_batches, train_epoch  # noqa: E402
 
 
 def make_model(device: torch.device) -> torch.nn.Module:
@@ -126,7 +126,7 @@ def main() -> None:
     tv = torchvision.datasets.FashionMNIST(
         str(root), train=True, download=False,
         transform=torchvision.transforms.Compose([torchvision.transforms.ToTensor(),
-                                                  torchvision.transforms.Normalize((mean,), (std,))]))
+                                                  torchvision.transforms.Normalize(mean, std)]))
     train_idx, _ = hdata.split_indices(len(tv), val_fraction=0.1, seed=0)
     tv = torch.utils.data.Subset(tv, train_idx.tolist())
 
@@ -148,7 +148,7 @@ def main() -> None:
                 xd, yd = x_train.to(device), y_train.to(device)
                 gen = torch.Generator(device=device)
                 gen.manual_seed(0)
-                step = lambda: train_epoch(model, opt, xd, yd, batch_size=bs, generator=gen)  # noqa: E731
+                step = lambda: train_epoch(model, opt, shuffled_batches(xd, yd, batch_size=bs, generator=gen))  # noqa: E731
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             per_epoch = []
@@ -161,7 +161,7 @@ def main() -> None:
                     torch.cuda.synchronize(device)
                 per_epoch.append(time.perf_counter() - t0)
             times[method] = statistics.median(per_epoch[1:] or per_epoch)
-            accs[method] = evaluate(model, x_test, y_test)[1]
+            accs[method] = evaluate(model, in_batches(x_test, y_test))[1]
             mem = (f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB on GPU" if cuda
                    else f"{peak_rss_mb():.0f} MiB peak RSS (process)")
             print(f"batch {bs:>4}  {method:<9} {times[method]:7.3f} s/epoch  test acc {accs[method]:.4f}  {mem}",

@@ -2,8 +2,14 @@
 
 Images stay ``uint8`` until they reach the trial's device: a quarter of the memory in Ray's object
 store (Fashion-MNIST's 54k training images are 42 MB, not 170 MB), read zero-copy by every trial on
-the node. Normalisation (``(x/255 - mean) / std`` with the training split's statistics) happens
-once per trial on the device, in :func:`to_device`.
+the node. Normalisation (``(x/255 - mean) / std`` per channel, with the training split's
+statistics) happens on the device, in :func:`to_device` and :func:`normalize`.
+
+``cifar10`` is read from torchvision's ``cifar-10-batches-py`` folder (downloaded by torchvision
+when allowed). ``image_folder`` is torchvision's ``ImageFolder`` layout (``<root>/<class>/<image>``,
+or ``<root>/train/<class>/...`` with a ``test/`` beside it): decoded once and kept in memory
+(``loader: memory``), or, for image sets larger than memory, read from the files by a DataLoader
+in each trial (``loader: stream``; the files must be visible to every node).
 
 MNIST and Fashion-MNIST come as the four IDX files (``.gz`` or not). They are looked for in
 ``data.root``, in torchvision's layout below it (``<root>/MNIST/raw``), and in the folder Debian's
@@ -16,7 +22,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +33,7 @@ from hpsearch.errors import DataError
 if TYPE_CHECKING:
     import torch
 
-    from hpsearch.spec import DataSpec
+    from hpsearch.spec import AugmentSpec, DataSpec
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +52,11 @@ _IDX_FILES = {
 
 @dataclass(frozen=True)
 class Split:
-    """Images (N, C, H, W) as uint8 (or float32 for data sets that are not 8-bit) and int64 labels."""
+    """Images (N, C, H, W) as uint8 and int64 labels; or, streamed, the image files and labels."""
 
-    x: np.ndarray
+    x: np.ndarray | None
     y: np.ndarray
+    files: tuple[str, ...] | None = None  # loader: stream (x is None then)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -64,24 +71,38 @@ class Dataset:
     val: Split
     test: Split | None
     num_classes: int
-    mean: float  # of the training split, on the [0, 1] scale
-    std: float
+    mean: tuple[float, ...]  # per channel, of the training split, on the [0, 1] scale
+    std: tuple[float, ...]
     scale: float  # the value of a white pixel (255 for 8-bit images, 16 for digits)
+    shape: tuple[int, int, int]  # (C, H, W) of one image as the model receives it
+    classes: tuple[str, ...] = ()
+    augment: AugmentSpec | None = None  # applied to training batches on the device
+    num_workers: int = 0  # DataLoader workers of a streamed data set
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
+        return self.shape
+
+    @property
+    def streamed(self) -> bool:
+        return self.train.x is None
 
     def for_trials(self) -> Dataset:
         """The same data without the test split: the test set is touched once, for the best trial."""
-        return Dataset(self.name, self.train, self.val, None, self.num_classes, self.mean, self.std, self.scale)
+        return replace(self, test=None)
 
 
 def load(spec: DataSpec, *, seed: int) -> Dataset:
     """Load the data set a job names, split off validation (seeded), keep test apart."""
+    if spec.dataset == "image_folder":
+        return _image_folder(spec, seed=seed)
+    classes: tuple[str, ...] = ()
     if spec.dataset == "digits":
         images, labels, test_images, test_labels, scale = _digits(spec, seed=seed)
         num_classes = 10
+    elif spec.dataset == "cifar10":
+        images, labels, test_images, test_labels, classes = _cifar10(spec)
+        num_classes, scale = 10, 255.0
     else:
         cls_name, _, num_classes = _IDX_SETS[spec.dataset]
         files = _find_idx_files(spec)
@@ -105,11 +126,21 @@ def load(spec: DataSpec, *, seed: int) -> Dataset:
     val = Split(np.ascontiguousarray(images[val_idx]), labels[val_idx].astype(np.int64))
     test = Split(np.ascontiguousarray(test_images), test_labels.astype(np.int64))
 
-    pixels = train.x.astype(np.float64) / scale
-    mean, std = float(pixels.mean()), float(pixels.std()) or 1.0
+    mean, std = channel_stats(train.x, scale)
     logger.info("data %s: %d train, %d val, %d test, shape %s", spec.dataset, len(train), len(val), len(test),
                 train.x.shape[1:])
-    return Dataset(spec.dataset, train, val, test, num_classes, mean, std, scale)
+    return Dataset(spec.dataset, train, val, test, num_classes, mean, std, scale, shape=tuple(train.x.shape[1:]),
+                   classes=classes, augment=spec.augment)
+
+
+def channel_stats(x: np.ndarray, scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of (N, C, H, W) images, on the [0, 1] scale."""
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        pixels = x[:, c].astype(np.float64) / scale  # one channel at a time: bounded memory
+        mean.append(float(pixels.mean()))
+        std.append(float(pixels.std()) or 1.0)
+    return tuple(mean), tuple(std)
 
 
 def split_indices(n: int, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,9 +161,17 @@ def to_device(split: Split, data: Dataset, device: torch.device) -> tuple[torch.
         warnings.simplefilter("ignore", UserWarning)
         x = torch.from_numpy(split.x)
         y = torch.from_numpy(split.y)
-    x = x.to(device, non_blocking=True).float()
-    x.mul_(1.0 / (data.scale * data.std)).sub_(data.mean / data.std)
-    return x, y.to(device, non_blocking=True)
+    return normalize(x.to(device, non_blocking=True), data), y.to(device, non_blocking=True)
+
+
+def normalize(x: torch.Tensor, data: Dataset) -> torch.Tensor:
+    """uint8 (N, C, H, W) images → float32 ``(x/scale - mean) / std`` per channel."""
+    import torch
+
+    x = x.float()
+    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
+    return x.mul_(1.0 / data.scale).sub_(mean).div_(std)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,3 +283,185 @@ def _digits(spec: DataSpec, *, seed: int) -> tuple[Any, ...]:
     n_test = max(1, int(round(spec.test_fraction * len(labels))))
     test_idx, rest = order[:n_test], order[n_test:]
     return images[rest], labels[rest], images[test_idx], labels[test_idx], 16.0
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10, in torchvision's format: cifar-10-batches-py/{data_batch_1..5, test_batch}.
+# --------------------------------------------------------------------------------------------
+
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+def _cifar10(spec: DataSpec) -> tuple[Any, ...]:
+    root = Path(os.path.expanduser(spec.root))
+    candidates = [root / _CIFAR_DIR, root]
+    folder = next((c for c in candidates if all((c / f).is_file() for f in (*_CIFAR_TRAIN, "test_batch"))), None)
+    if folder is None:
+        where = (f"put torchvision's {_CIFAR_DIR} folder (data_batch_1..5, test_batch, from "
+                 f"cifar-10-python.tar.gz) into {root}")
+        if not spec.download:
+            raise DataError(f"data.root: no CIFAR-10 batches in {' or '.join(map(str, candidates))}; {where}, "
+                            "or set data.download: true")
+        _download_with(spec, root, "CIFAR10", where)
+        folder = root / _CIFAR_DIR
+    parts = [_cifar_batch(folder / name) for name in (*_CIFAR_TRAIN, "test_batch")]
+    images = np.concatenate([x for x, _ in parts[:-1]])
+    labels = np.concatenate([y for _, y in parts[:-1]])
+    classes: tuple[str, ...] = ()
+    meta = folder / "batches.meta"
+    if meta.is_file():
+        classes = tuple(_unpickle(meta).get("label_names", ()))
+    return images, labels, parts[-1][0], parts[-1][1], classes
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")  # the format CIFAR-10 ships in (as torchvision reads it)
+    except Exception as e:
+        raise DataError(f"{path}: cannot be read as a CIFAR-10 batch ({type(e).__name__}: {e}); replace the "
+                        "file with the original") from None
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(path)
+    try:
+        x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64)
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: not a CIFAR-10 batch ({e}); replace the file with the original") from None
+    if len(x) != len(y) or (len(y) and (y.min() < 0 or y.max() > 9)):
+        raise DataError(f"{path}: {len(x)} images, {len(y)} labels in 0..9 expected; replace the file")
+    return x, y
+
+
+def _download_with(spec: DataSpec, root: Path, cls_name: str, where: str) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"data.root: cannot create {root} to download {spec.dataset} into: {e}") from None
+    import torchvision
+
+    logger.info("downloading %s into %s", spec.dataset, root)
+    try:
+        getattr(torchvision.datasets, cls_name)(str(root), train=True, download=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"data.download: could not download {spec.dataset} ({reason}). Without network access, "
+                        f"{where} and set data.download: false") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders: torchvision's ImageFolder layout, <root>/<class>/<image>.
+# --------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def find_images(folder: Path) -> tuple[tuple[str, ...], list[str], np.ndarray]:
+    """(classes, files, labels) of an ImageFolder tree: one sub-folder per class, sorted by name."""
+    if not folder.is_dir():
+        raise DataError(f"data.root: {folder} is not a folder; image_folder expects <root>/<class>/<image> "
+                        "(or <root>/train/<class>/... with <root>/test/ beside it)")
+    classes = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    if not classes:
+        raise DataError(f"data.root: {folder} has no class folders; put each class's images in "
+                        f"{folder}/<class name>/")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(str(f) for f in (folder / name).rglob("*")
+                       if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise DataError(f"{folder / name}: no images ({', '.join(IMAGE_EXTENSIONS)}); every class folder "
+                            "needs at least one")
+        files += found
+        labels += [label] * len(found)
+    return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def read_image(path: str, size: int) -> np.ndarray:
+    """One image file → (3, size, size) uint8, resized (antialiased) as torchvision's Resize would."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except Exception as e:
+        raise DataError(f"{path}: cannot be read as an image ({e}); remove or replace it") from None
+
+
+def _image_folder(spec: DataSpec, *, seed: int) -> Dataset:
+    root = Path(os.path.expanduser(spec.root))
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        classes, files, labels = find_images(root / "train")
+        test_classes, test_files, test_labels = find_images(root / "test")
+        if test_classes != classes:
+            raise DataError(f"{root}/test: its classes {list(test_classes)} differ from train's {list(classes)}; "
+                            "both need the same class folders")
+    else:
+        classes, all_files, all_labels = find_images(root)
+        order = np.random.default_rng(seed + 1).permutation(len(all_labels))
+        n_test = max(1, int(round(spec.test_fraction * len(all_labels))))
+        test_idx, rest = np.sort(order[:n_test]), np.sort(order[n_test:])
+        files, labels = [all_files[i] for i in rest], all_labels[rest]
+        test_files, test_labels = [all_files[i] for i in test_idx], all_labels[test_idx]
+    if len(labels) < 2:
+        raise DataError(f"data.root: {root} has {len(labels)} training image(s); a search needs more")
+    train_idx, val_idx = split_indices(len(labels), val_fraction=spec.val_fraction, seed=seed)
+    size = spec.image_size
+    shape = (3, size, size)
+
+    if spec.loader == "stream":
+        def split(idx: Any, names: list[str], y: np.ndarray) -> Split:
+            return Split(None, y[idx], tuple(names[i] for i in idx))
+
+        train = split(train_idx, files, labels)
+        val = split(val_idx, files, labels)
+        test = split(np.arange(len(test_labels)), test_files, test_labels)
+        # Statistics from a sample: reading every file of a large set twice is what streaming avoids.
+        sample = np.random.default_rng(seed).permutation(len(train))[:512]
+        mean, std = channel_stats(np.stack([read_image(train.files[i], size) for i in sample]), 255.0)
+    else:
+        images = _read_images(files, size)
+        train = Split(images[train_idx], labels[train_idx])
+        val = Split(images[val_idx], labels[val_idx])
+        test = Split(_read_images(test_files, size), test_labels)
+        mean, std = channel_stats(train.x, 255.0)
+    logger.info("data image_folder %s: %d classes, %d train, %d val, %d test, %s", root, len(classes),
+                len(train), len(val), len(test), "streamed" if spec.loader == "stream" else "in memory")
+    return Dataset("image_folder", train, val, test, len(classes), mean, std, 255.0, shape=shape,
+                   classes=classes, augment=spec.augment, num_workers=spec.num_workers)
+
+
+def _read_images(files: list[str], size: int) -> np.ndarray:
+    """Decode and resize every file into one uint8 array, in threads (PIL releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = np.empty((len(files), 3, size, size), dtype=np.uint8)
+
+    def read(i: int) -> None:
+        out[i] = read_image(files[i], size)
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(read, range(len(files))))
+    return out
+
+
+class ImageFiles:
+    """A map-style torch Dataset over image files: (uint8 (3, S, S) tensor, label), for DataLoader."""
+
+    def __init__(self, split: Split, size: int) -> None:
+        assert split.files is not None
+        self.files, self.labels, self.size = split.files, split.y, size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        import torch
+
+        return torch.from_numpy(read_image(self.files[i], self.size)), int(self.labels[i])

@@ -32,3 +32,7 @@ class StorageError(HpsearchError):
 
 class SearchError(HpsearchError):
     """A search that cannot start or be resumed as asked."""
+
+
+class ModelError(HpsearchError):
+    """A model that cannot be built as asked (e.g. pretrained weights that cannot be found)."""

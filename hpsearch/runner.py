@@ -152,7 +152,6 @@ def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t
          trial_fn: Any = None) -> SearchSummary:
     from concurrent.futures import ThreadPoolExecutor
 
-    from hpsearch import data as data_mod
 
     tracker = _tracker(job, search_dir)
     new_parent = tracker is not None and tracker.parent_run_id is None
@@ -161,19 +160,19 @@ def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t
     # (file I/O and imports) while Ray starts its processes. Any failure among them stops the
     # search before a trial runs, and what was set up is undone.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hpsearch-setup") as pool:
-        data_f = pool.submit(data_mod.load, job.data, seed=job.seed)
+        data_f = pool.submit(_load_data, job)
         track_f = pool.submit(_start_tracking, tracker, job, search_dir) if new_parent else None
         try:
             started_ray = _init_ray(address)
             logger.debug("%.1f s: Ray ready", time.time() - t_start)
 
-            dataset = data_f.result()
+            dataset, pretrained = data_f.result()
             logger.debug("%.1f s: data ready", time.time() - t_start)
             if track_f is not None:
                 track_f.result()
                 logger.debug("%.1f s: MLflow ready", time.time() - t_start)
             tuner, gpu = _tuner(job, search_dir=search_dir, dataset=dataset, tracker=tracker, resume=resume,
-                                trial_fn=trial_fn)
+                                trial_fn=trial_fn, pretrained=pretrained)
         except BaseException:
             for f in (data_f, track_f):
                 if f is not None:
@@ -208,6 +207,19 @@ def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t
     finally:
         if started_ray:
             _shutdown_ray()
+
+
+def _load_data(job: JobSpec) -> tuple[Any, Any]:
+    """The data set, and the pretrained weights the model starts from (if any): both fail fast."""
+    from hpsearch import data as data_mod
+
+    dataset = data_mod.load(job.data, seed=job.seed)
+    pretrained = None
+    if job.model.kind == "resnet18" and job.model.weights != "none":
+        from hpsearch.models import pretrained_weights
+
+        pretrained = pretrained_weights(job.model)
+    return dataset, pretrained
 
 
 def _shutdown_ray() -> None:
@@ -250,7 +262,7 @@ def _sigterm_stops_gracefully() -> Iterator[None]:
 
 
 def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume: bool,
-           trial_fn: Any = None) -> tuple[Any, float]:
+           trial_fn: Any = None, pretrained: Any = None) -> tuple[Any, float]:
     """A new Tuner for the job, or the restored one of ``search_dir``; and the GPUs per trial."""
     import ray
     from ray import tune
@@ -266,6 +278,7 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
         tune.with_parameters(
             trial_fn or trial.run_trial, data=dataset.for_trials(), model_spec=job.model, seed=job.seed,
             cpus=job.resources.cpu, gpus=gpu, search_dir=str(search_dir), ended=ended,
+            **({"pretrained": pretrained} if pretrained is not None else {}),
         ),
         {"cpu": job.resources.cpu, "gpu": gpu},
     )

@@ -24,8 +24,12 @@ from hpsearch.errors import JobError
 # Vocabulary. Declared once; the trainable, the space and the docs all read these.
 # --------------------------------------------------------------------------------------------
 
-DATASETS = ("mnist", "fashion_mnist", "digits")
-MODEL_KINDS = ("mlp",)
+DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10", "image_folder")
+MODEL_KINDS = ("mlp", "cnn", "resnet18")
+# torchvision's names for ResNet-18's weights (torchvision.models.ResNet18_Weights), or none.
+RESNET18_WEIGHTS = ("none", "IMAGENET1K_V1", "DEFAULT")
+LOADERS = ("memory", "stream")
+LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("Adam", "AdamW", "SGD")
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
 SCHEDULERS = ("asha", "fifo")
@@ -40,6 +44,7 @@ class Hyperparameter:
     default: Any
     rule: str  # shown to users
     ok: Callable[[Any], bool]
+    choices: tuple[str, ...] = ()  # the values of a "choice" hyperparameter
 
 
 HYPERPARAMETERS: dict[str, Hyperparameter] = {
@@ -50,11 +55,37 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
     "dropout_rate": Hyperparameter("float", 0.2, "a number in [0, 1)", lambda v: 0 <= v < 1),
     "batch_size": Hyperparameter("int", 64, "an integer >= 1", lambda v: v >= 1),
     "optimizer": Hyperparameter(
-        "choice", "Adam", f"one of {', '.join(OPTIMIZERS)}", lambda v: v in OPTIMIZERS
+        "choice", "Adam", f"one of {', '.join(OPTIMIZERS)}", lambda v: v in OPTIMIZERS, OPTIMIZERS
     ),
     "weight_decay": Hyperparameter("float", 0.0, "a number >= 0", lambda v: v >= 0),
     # SGD only (torch's default is 0); sampled only when the trial's optimizer is SGD.
     "momentum": Hyperparameter("float", 0.0, "a number in [0, 1)", lambda v: 0 <= v < 1),
+    # constant, or cosine: the learning rate falls from learning_rate to 0 over the trial's epochs.
+    "lr_schedule": Hyperparameter(
+        "choice", "constant", f"one of {', '.join(LR_SCHEDULES)}", lambda v: v in LR_SCHEDULES, LR_SCHEDULES
+    ),
+    # Input resolution (pixels, square); images are resized on the device. 0 keeps the data's size.
+    "image_size": Hyperparameter("int", 0, "an integer >= 0 (0 keeps the images' size)", lambda v: v >= 0),
+    # cnn: conv_blocks x (Conv -> BatchNorm -> ReLU -> MaxPool), channels doubling from conv_channels.
+    "conv_blocks": Hyperparameter("int", 2, "an integer >= 1", lambda v: v >= 1),
+    "conv_channels": Hyperparameter("int", 32, "an integer >= 1", lambda v: v >= 1),
+    "kernel_size": Hyperparameter("int", 3, "an odd integer >= 1", lambda v: v >= 1 and v % 2 == 1),
+    # resnet18: how many of its stages train, from the top (0: only the new head; 5: all of it, stem
+    # included), and the backbone's learning rate as a fraction of learning_rate (the head's).
+    "trainable_stages": Hyperparameter("int", 5, "an integer from 0 to 5", lambda v: 0 <= v <= 5),
+    "backbone_lr_factor": Hyperparameter("float", 1.0, "a number > 0", lambda v: v > 0),
+}
+
+# Which model kinds use a hyperparameter (the rest are used by every kind). A space that sets one
+# its model ignores is refused: the trials would spend the search on a value that changes nothing.
+MODEL_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
+    "num_hidden_layers": ("mlp", "cnn"),
+    "neurons_per_layer": ("mlp", "cnn"),
+    "conv_blocks": ("cnn",),
+    "conv_channels": ("cnn",),
+    "kernel_size": ("cnn",),
+    "trainable_stages": ("resnet18",),
+    "backbone_lr_factor": ("resnet18",),
 }
 
 
@@ -115,18 +146,39 @@ Param = Union[IntParam, FloatParam, CategoricalParam, FixedParam]
 
 
 @dataclass(frozen=True)
+class AugmentSpec:
+    """Training-time augmentation, applied to each batch on the trial's device."""
+
+    crop_padding: int = 0  # pixels; random crop of the image padded by this much (0 = off)
+    horizontal_flip: bool = False  # flip half the images left-right
+
+
+@dataclass(frozen=True)
 class DataSpec:
     dataset: str
     root: str = "~/.cache/hpsearch"
     download: bool = True
     val_fraction: float = 0.1
-    test_fraction: float = 0.2  # only for data sets without their own test split (digits)
+    test_fraction: float = 0.2  # only for data sets without their own test split (digits, image folders)
+    image_size: int = 64  # image_folder: images are resized to image_size x image_size when read
+    loader: str = "memory"  # memory: decoded once, resident on the device; stream: a DataLoader reads files
+    num_workers: int = 2  # DataLoader worker processes per trial (loader: stream)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        folder_only = ("image_size", "loader", "num_workers")
+        d = {k: v for k, v in vars(self).items()
+             if k != "augment" and (k not in folder_only or self.dataset == "image_folder")}
+        d["augment"] = vars(self.augment).copy()
+        return d
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     kind: str = "mlp"
     batch_norm: bool = True
+    weights: str = "none"  # resnet18: torchvision's pretrained weights, or none
+    download: bool = True  # fetch pretrained weights missing from torch's cache ($TORCH_HOME)
 
 
 @dataclass(frozen=True)
@@ -224,7 +276,7 @@ class JobSpec:
         return {
             "name": self.name,
             "seed": self.seed,
-            "data": vars(self.data).copy(),
+            "data": self.data.to_dict(),
             "model": vars(self.model).copy(),
             "space": {name: p.to_dict() for name, p in self.space},
             "search": {
@@ -441,7 +493,9 @@ def validate(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
     seed = _get(p, top, "", "seed", "int", 0, lambda v: v >= 0, "an integer >= 0")
     storage = _get(p, top, "", "storage", "str", "./hpsearch_runs")
 
-    d = _mapping(p, top.get("data"), "data", ("dataset", "root", "download", "val_fraction", "test_fraction"))
+    d = _mapping(p, top.get("data"), "data", ("dataset", "root", "download", "val_fraction", "test_fraction",
+                                              "image_size", "loader", "num_workers", "augment"))
+    a = _mapping(p, d.get("augment"), "data.augment", ("crop_padding", "horizontal_flip"))
     data = DataSpec(
         dataset=_one_of(p, d, "data", "dataset", DATASETS),
         root=_get(p, d, "data", "root", "str", DataSpec.root),
@@ -450,13 +504,30 @@ def validate(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
                           lambda v: 0 < v < 1, "a number in (0, 1)"),
         test_fraction=_get(p, d, "data", "test_fraction", "float", DataSpec.test_fraction,
                            lambda v: 0 < v < 1, "a number in (0, 1)"),
+        image_size=_get(p, d, "data", "image_size", "int", DataSpec.image_size, lambda v: v >= 1,
+                        "an integer >= 1 (pixels)"),
+        loader=_one_of(p, d, "data", "loader", LOADERS, DataSpec.loader),
+        num_workers=_get(p, d, "data", "num_workers", "int", DataSpec.num_workers, lambda v: v >= 0,
+                         "an integer >= 0 (0 reads in the trial's own process)"),
+        augment=AugmentSpec(
+            crop_padding=_get(p, a, "data.augment", "crop_padding", "int", 0, lambda v: v >= 0,
+                              "an integer >= 0 (pixels)"),
+            horizontal_flip=_get(p, a, "data.augment", "horizontal_flip", "bool", False),
+        ),
     )
+    for key in ("image_size", "loader", "num_workers"):
+        if key in d and data.dataset in DATASETS and data.dataset != "image_folder":
+            p.add(f"data.{key}", f"applies to dataset: image_folder only, not {data.dataset}")
 
-    m = _mapping(p, top.get("model"), "model", ("kind", "batch_norm"))
+    m = _mapping(p, top.get("model"), "model", ("kind", "batch_norm", "weights", "download"))
     model = ModelSpec(
         kind=_one_of(p, m, "model", "kind", MODEL_KINDS, ModelSpec.kind),
         batch_norm=_get(p, m, "model", "batch_norm", "bool", ModelSpec.batch_norm),
+        weights=_one_of(p, m, "model", "weights", RESNET18_WEIGHTS, ModelSpec.weights),
+        download=_get(p, m, "model", "download", "bool", ModelSpec.download),
     )
+    if model.kind != "resnet18" and model.weights != "none":
+        p.add("model.weights", f"pretrained weights apply to kind: resnet18 only, not {model.kind}")
 
     search = _search(p, top.get("search"))
     space = _space(p, top.get("space"), sampler=search.searcher.sampler)
@@ -634,6 +705,11 @@ def _param(p: _Problems, path: str, hp: Hyperparameter, spec: Any, *, sampler: s
 
 def _cross_checks(p: _Problems, job: JobSpec) -> None:
     """Rules that tie sections together; run once every section is valid on its own."""
+    for name, _ in job.space:
+        kinds = MODEL_HYPERPARAMETERS.get(name)
+        if kinds and job.model.kind not in kinds:
+            p.add(_join("space", name), f"is used by model.kind {' or '.join(kinds)} only, not {job.model.kind}; "
+                                        "remove it or change model.kind")
     sched = job.search.scheduler
     if sched.name == "asha":
         if sched.max_t is None and sched.grace_period > job.max_t:

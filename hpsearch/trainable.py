@@ -6,29 +6,35 @@ to resume, the ``state`` a previous report handed out.
 
 Why it is shaped this way (measured, see DESIGN.md and benchmarks/):
 - The data is copied to the trial's device once and batched by indexing with a random permutation
-  each epoch: no per-sample ``Dataset.__getitem__``, no per-batch host→device copy.
+  each epoch: no per-sample ``Dataset.__getitem__``, no per-batch host→device copy. Image sets too
+  large for memory (``loader: stream``) go through a DataLoader with workers and pinned memory.
+- Augmentation (random crop, flip) runs on the device, on whole batches.
 - No host sync per step: losses are summed on the device and read once per epoch.
 - Evaluation runs in large batches under ``torch.inference_mode()``.
 - One thread per CPU the trial holds: more threads than cores fight each other.
+- Convolutional models run channels-last on the CPU: measured 1.7× faster per epoch than the
+  default layout for the small CNN on one thread.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpsearch.data import Dataset, to_device
-from hpsearch.models import build_model, build_optimizer
-from hpsearch.spec import ModelSpec, resolve_hyperparameters
+from hpsearch.data import Dataset, ImageFiles, Split, normalize, to_device
+from hpsearch.models import build_model, build_optimizer, set_learning_rate
+from hpsearch.spec import AugmentSpec, ModelSpec, resolve_hyperparameters
 
 Report = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
-EVAL_BATCH = 8192  # samples per evaluation forward pass; memory is small for MLP-sized models
+EVAL_BATCH = 8192  # samples per evaluation forward pass of in-memory data
+EVAL_BATCH_BYTES = 256 * 2**20  # ...fewer when images are large (about this much input per pass)
 
 
 def train(
@@ -41,6 +47,7 @@ def train(
     device: str | torch.device = "cpu",
     num_threads: int | None = None,
     seed: int = 0,
+    pretrained: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one configuration, reporting after every epoch. Returns the last metrics reported.
 
@@ -48,6 +55,7 @@ def train(
     the state to checkpoint (model, optimizer, epoch); the state holds live tensors, so save or copy
     it before returning. A non-finite training loss ends the trial at
     once: the epoch is reported with ``diverged=True`` and NaN metrics, without a checkpoint.
+    ``pretrained``: ResNet-18's starting weights (:func:`hpsearch.models.pretrained_weights`).
     """
     # -- setup --------------------------------------------------------------------------------
     hp = resolve_hyperparameters(config)
@@ -55,13 +63,17 @@ def train(
     if num_threads is not None and device.type == "cpu":
         torch.set_num_threads(max(1, int(num_threads)))
     torch.manual_seed(seed)
+    batch_size, epochs = int(hp["batch_size"]), int(hp["epochs"])
 
     # -- data: onto the device once (and once per worker: Tune reuses it for the next trials) --
-    x_train, y_train, x_val, y_val = resident(data, device)
+    source = BatchSource(data, device, channels_last=_channels_last(model_spec, data, device))
 
     # -- model and optimizer ------------------------------------------------------------------
-    model = build_model(model_spec, hp, input_shape=data.input_shape, num_classes=data.num_classes).to(device)
-    optimizer = build_optimizer(model.parameters(), hp, device=device)
+    model = build_model(model_spec, hp, input_shape=data.input_shape, num_classes=data.num_classes,
+                        pretrained=None if state is not None else pretrained).to(device)
+    if source.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, hp, device=device)
     start_epoch = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -71,83 +83,177 @@ def train(
     # -- the loop -----------------------------------------------------------------------------
     metrics: dict[str, Any] = {}
     generator = torch.Generator(device=device)
-    for epoch in range(start_epoch + 1, int(hp["epochs"]) + 1):
+    for epoch in range(start_epoch + 1, epochs + 1):
         t0 = time.perf_counter()
-        # Seeded per epoch, so a trial resumed from a checkpoint sees the batches (and dropout masks)
-        # it would have seen.
+        # Seeded per epoch, so a trial resumed from a checkpoint sees the batches (and dropout masks
+        # and augmentations) it would have seen.
         generator.manual_seed(seed * 1_000_003 + epoch)
         torch.manual_seed(seed * 1_000_003 + epoch)
-        train_loss = train_epoch(model, optimizer, x_train, y_train,
-                                 batch_size=int(hp["batch_size"]), generator=generator)
+        set_learning_rate(optimizer, schedule=hp["lr_schedule"], epoch=epoch, epochs=epochs)
+        train_loss = train_epoch(model, optimizer, source.train_batches(batch_size, generator),
+                                 augment=data.augment, generator=generator)
         if not math.isfinite(train_loss):
             nan = float("nan")
             metrics = {"epoch": epoch, "train_loss": nan, "val_loss": nan, "val_accuracy": nan,
                        "diverged": True, "epoch_time_s": time.perf_counter() - t0}
             report(metrics, None)
             return metrics
-        val_loss, val_accuracy = evaluate(model, x_val, y_val)
+        val_loss, val_accuracy = evaluate(model, source.eval_batches(data.val))
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
                    "diverged": False, "epoch_time_s": time.perf_counter() - t0}
         report(metrics, {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
     return metrics
 
 
+def _channels_last(model_spec: ModelSpec, data: Dataset, device: torch.device) -> bool:
+    # Convolutions on the CPU are markedly faster channels-last; CUDA picks its own layouts well.
+    return model_spec.kind != "mlp" and device.type == "cpu" and len(data.input_shape) == 3
+
+
+class BatchSource:
+    """Normalised ``(x, y)`` batches on the trial's device, from resident tensors or streamed files."""
+
+    def __init__(self, data: Dataset, device: torch.device, *, channels_last: bool = False) -> None:
+        self.data, self.device, self.channels_last = data, device, channels_last
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Batches:
+        if not self.data.streamed:
+            x, y, _, _ = resident(self.data, self.device, channels_last=self.channels_last)
+            return shuffled_batches(x, y, batch_size=batch_size, generator=generator)
+        # The DataLoader shuffles with its own CPU generator, seeded from the trial's.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        return self._stream(self.data.train, batch_size, shuffle=True, seed=seed)
+
+    def eval_batches(self, split: Split) -> Batches:
+        if split is self.data.val and not self.data.streamed:
+            _, _, x, y = resident(self.data, self.device, channels_last=self.channels_last)
+            return in_batches(x, y, batch_size=eval_batch(self.data))
+        if split.x is not None:
+            x, y = to_device(split, self.data, self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return in_batches(x, y, batch_size=eval_batch(self.data))
+        return self._stream(split, 256, shuffle=False, seed=0)
+
+    def _stream(self, split: Split, batch_size: int, *, shuffle: bool, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from torch.utils.data import DataLoader
+
+        workers = self.data.num_workers
+        loader = DataLoader(
+            ImageFiles(split, self.data.input_shape[-1]), batch_size=batch_size, shuffle=shuffle,
+            generator=torch.Generator().manual_seed(seed), num_workers=workers,
+            pin_memory=self.device.type == "cuda", drop_last=shuffle and len(split) % batch_size == 1,
+            persistent_workers=False, prefetch_factor=4 if workers else None,
+        )
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        for x, y in loader:
+            x = normalize(x.to(self.device, non_blocking=True), self.data).contiguous(memory_format=memory_format)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+def eval_batch(data: Dataset) -> int:
+    per_image = 4 * max(1, int(torch.Size(data.input_shape).numel()))
+    return max(64, min(EVAL_BATCH, EVAL_BATCH_BYTES // per_image))
+
+
 _RESIDENT: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
-def resident(data: Dataset, device: torch.device) -> tuple[torch.Tensor, ...]:
+def resident(data: Dataset, device: torch.device, *, channels_last: bool = False) -> tuple[torch.Tensor, ...]:
     """(x_train, y_train, x_val, y_val) on ``device``, normalised; kept for the process's next trial.
 
     A reused actor runs trial after trial on the same data: copying and normalising it again
     (~0.15 s for Fashion-MNIST) is pure overhead. Training only reads these tensors.
     """
-    key = (data.name, data.train.x.shape, data.val.x.shape, data.mean, data.std, str(device))
+    key = (data.name, data.train.x.shape, data.val.x.shape, data.mean, data.std, str(device), channels_last)
     if key not in _RESIDENT:
         _RESIDENT.clear()  # one data set at a time per process
-        _RESIDENT[key] = (*to_device(data.train, data, device), *to_device(data.val, data, device))
+        x_train, y_train = to_device(data.train, data, device)
+        x_val, y_val = to_device(data.val, data, device)
+        if channels_last:
+            x_train = x_train.contiguous(memory_format=torch.channels_last)
+            x_val = x_val.contiguous(memory_format=torch.channels_last)
+        _RESIDENT[key] = (x_train, y_train, x_val, y_val)
     return _RESIDENT[key]
+
+
+def shuffled_batches(x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                     generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (x, y) in random order, by indexing: the data never leaves the device."""
+    n = len(y)
+    # A last batch of one sample breaks BatchNorm in training mode; drop just that sample.
+    stop = n - 1 if n % batch_size == 1 and n > 1 else n
+    perm = torch.randperm(n, device=x.device, generator=generator)
+    for start in range(0, stop, batch_size):
+        idx = perm[start:min(start + batch_size, stop)]
+        yield x[idx], y[idx]
+
+
+def in_batches(x: torch.Tensor, y: torch.Tensor, *, batch_size: int = EVAL_BATCH) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(y), batch_size):
+        yield x[start:start + batch_size], y[start:start + batch_size]
 
 
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    batches: Batches,
     *,
-    batch_size: int,
-    generator: torch.Generator,
+    augment: AugmentSpec | None = None,
+    generator: torch.Generator | None = None,
 ) -> float:
-    """One pass over (x, y) in random order; returns the mean batch loss (NaN/inf if it diverged)."""
+    """One pass over the batches; returns the mean batch loss (NaN/inf if it diverged)."""
     model.train()
-    n = len(y)
-    # A last batch of one sample breaks BatchNorm in training mode; drop just that sample.
-    stop = n - 1 if n % batch_size == 1 and n > 1 else n
-    perm = torch.randperm(n, device=x.device, generator=generator)
-    total = torch.zeros((), device=x.device)
+    total: torch.Tensor | None = None
     steps = 0
-    for start in range(0, stop, batch_size):
-        idx = perm[start:min(start + batch_size, stop)]
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+    for x, y in batches:
+        if augment is not None and (augment.crop_padding or augment.horizontal_flip):
+            x = augment_batch(x, augment, generator)
+        loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.detach()  # stays on the device: no sync per step
+        total = loss.detach() if total is None else total + loss.detach()  # on the device: no sync per step
         steps += 1
-    return float(total) / max(steps, 1)
+    return float(total) / steps if total is not None else float("nan")
+
+
+def augment_batch(x: torch.Tensor, augment: AugmentSpec, generator: torch.Generator | None) -> torch.Tensor:
+    """Random crops of the padded images and random horizontal flips, per image, on the device."""
+    n, c, h, w = x.shape
+    if augment.horizontal_flip:
+        flip = torch.rand(n, device=x.device, generator=generator) < 0.5
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    p = augment.crop_padding
+    if p:
+        # Zero padding is the mean colour after normalisation. Each image picks its own offset:
+        # gather its rows, then its columns, from the padded batch.
+        padded = F.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (n,), device=x.device, generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (n,), device=x.device, generator=generator)
+        rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * p)
+        padded = padded.gather(2, rows)
+        cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+        x = padded.gather(3, cols)
+    return x
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on (x, y), in large batches."""
+def evaluate(model: nn.Module, batches: Batches) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` over the batches."""
     model.eval()
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for start in range(0, len(y), batch_size):
-        out = model(x[start:start + batch_size])
-        target = y[start:start + batch_size]
-        loss_sum += F.cross_entropy(out, target, reduction="sum")
-        correct += (out.argmax(dim=1) == target).sum()
-    n = max(len(y), 1)
+    loss_sum: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    n = 0
+    for x, y in batches:
+        out = model(x)
+        batch_loss = F.cross_entropy(out, y, reduction="sum")
+        batch_correct = (out.argmax(dim=1) == y).sum()
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        correct = batch_correct if correct is None else correct + batch_correct
+        n += len(y)
+    if n == 0:
+        return float("nan"), float("nan")
     return float(loss_sum) / n, int(correct) / n
 
 
@@ -165,5 +271,7 @@ def score_test_set(
     hp = resolve_hyperparameters(config)
     model = build_model(model_spec, hp, input_shape=data.input_shape, num_classes=data.num_classes).to(device)
     model.load_state_dict(state["model"])
-    x_test, y_test = to_device(data.test, data, device)
-    return evaluate(model, x_test, y_test)[1]
+    source = BatchSource(data, device, channels_last=_channels_last(model_spec, data, device))
+    if source.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return evaluate(model, source.eval_batches(data.test))[1]

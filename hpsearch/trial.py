@@ -25,13 +25,14 @@ CHECKPOINT_METRICS = "metrics.json"  # the epoch's metrics, beside it (to pick t
 
 
 def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed: int, cpus: float, gpus: float,
-              search_dir: str = "", ended: frozenset[str] = frozenset()) -> None:
+              search_dir: str = "", ended: frozenset[str] = frozenset(), pretrained: Any = None) -> None:
     """Tune's trainable: adapts :func:`hpsearch.trainable.train` to ``tune.report`` and checkpoints.
 
     ``search_dir``: the search's folder in the storage, where the trial's checkpoints are kept.
     ``ended``: on resume, the trials our log saw end. Tune restores from its last experiment
     snapshot, which can be older than a trial's end; such a trial must not run again (an
     ASHA-stopped one would otherwise train to its full budget).
+    ``pretrained``: ResNet-18's starting weights, read once by the driver.
     """
     import torch
 
@@ -63,7 +64,7 @@ def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed:
     device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
     try:
         train(config, data=data, model_spec=model_spec, report=report, state=state, device=device,
-              num_threads=max(1, int(cpus)), seed=seed)
+              num_threads=max(1, int(cpus)), seed=seed, pretrained=pretrained)
     except torch.cuda.OutOfMemoryError:
         # One line a user can act on, instead of the allocator's page of numbers.
         raise TrialOutOfMemory(

@@ -80,3 +80,39 @@ def write_idx(folder: Path, *, n_train: int = 300, n_test: int = 100, seed: int 
         (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
         header = bytes([0, 0, 8, 1]) + n.to_bytes(4, "big")
         (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.tobytes()))
+
+
+def write_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "frog"), *, per_class: int = 12,
+                       size: tuple[int, int] = (20, 14), seed: int = 0) -> None:
+    """An ImageFolder tree of PNG files: <root>/<class>/<n>.png, each class its own colour (learnable)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (size[1], size[0], 3)).astype(np.uint8)
+            pixels[..., label % 3] += 180
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def write_cifar10(root: Path, *, per_batch: int = 40, seed: int = 0) -> None:
+    """torchvision's cifar-10-batches-py folder with small batches (the real format, fewer images)."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, per_batch)
+        images = rng.integers(0, 60, (per_batch, 3, 32, 32)).astype(np.uint8)
+        for i, lab in enumerate(labels):  # a learnable signal: a bright band per class
+            images[i, :, 3 * lab: 3 * lab + 3, :] = 250
+        batch = {"batch_label": name, "labels": labels.tolist(), "data": images.reshape(per_batch, -1),
+                 "filenames": [f"{i}.png" for i in range(per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))

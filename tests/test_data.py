@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_idx
+from conftest import write_cifar10, write_idx, write_image_folder
 
 from hpsearch.data import load
 from hpsearch.errors import DataError
@@ -73,3 +73,51 @@ def test_digits_has_a_seeded_test_split() -> None:
     ds = load(DataSpec(dataset="digits", val_fraction=0.2, test_fraction=0.2), seed=0)
     assert len(ds.train) + len(ds.val) + len(ds.test) == 1797
     assert len(ds.test) == 359 and ds.input_shape == (1, 8, 8) and ds.scale == 16.0
+
+
+def test_image_folder_loads_with_the_right_classes(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "pets", per_class=10)
+    ds = load(DataSpec(dataset="image_folder", root=str(tmp_path / "pets"), image_size=16, val_fraction=0.2,
+                       test_fraction=0.2), seed=0)
+    assert ds.classes == ("cat", "dog", "frog") and ds.num_classes == 3
+    assert ds.input_shape == (3, 16, 16) and ds.train.x.dtype == np.uint8
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 30 and len(ds.test) == 6
+    # Labels follow the sorted folder names: every "frog" image is red-free and blue-heavy.
+    x = np.concatenate([ds.train.x, ds.val.x]).astype(float)
+    y = np.concatenate([ds.train.y, ds.val.y])
+    for label in range(3):
+        assert x[y == label][:, label].mean() > 150
+    assert len(ds.mean) == 3 and len(ds.std) == 3
+
+
+def test_image_folder_with_train_and_test_folders_and_streaming(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "set" / "train", per_class=8)
+    write_image_folder(tmp_path / "set" / "test", per_class=2, seed=1)
+    ds = load(DataSpec(dataset="image_folder", root=str(tmp_path / "set"), image_size=12, loader="stream"), seed=0)
+    assert ds.streamed and ds.train.x is None and len(ds.train) + len(ds.val) == 24 and len(ds.test) == 6
+    assert all(Path(f).parent.parent == tmp_path / "set" / "test" for f in ds.test.files)
+    from hpsearch.data import ImageFiles
+
+    image, label = ImageFiles(ds.train, 12)[0]
+    assert tuple(image.shape) == (3, 12, 12) and str(image.dtype) == "torch.uint8" and label == ds.train.y[0]
+
+
+def test_image_folder_problems_are_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is not a folder"):
+        load(DataSpec(dataset="image_folder", root=str(tmp_path / "nowhere")), seed=0)
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"empty/cat: no images"):
+        load(DataSpec(dataset="image_folder", root=str(tmp_path / "empty")), seed=0)
+    write_image_folder(tmp_path / "bad", per_class=3)
+    (tmp_path / "bad" / "dog" / "9.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"dog/9.png: cannot be read as an image"):
+        load(DataSpec(dataset="image_folder", root=str(tmp_path / "bad")), seed=0)
+
+
+def test_cifar10_batches_load(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    ds = load(DataSpec(dataset="cifar10", root=str(tmp_path), download=False, val_fraction=0.1), seed=0)
+    assert ds.input_shape == (3, 32, 32) and len(ds.train) + len(ds.val) == 200 and len(ds.test) == 40
+    assert ds.classes[0] == "airplane" and ds.num_classes == 10
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        load(DataSpec(dataset="cifar10", root=str(tmp_path / "none"), download=False), seed=0)

@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 from ray import cloudpickle
 
 from hpsearch import raytune, runner
-from hpsearch.trial import run_trial
 from hpsearch.spec import load_job, validate
+from hpsearch.trial import run_trial
 
 pytestmark = pytest.mark.slow
 

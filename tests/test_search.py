@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import small_job, write_idx, write_job
+from conftest import small_job, write_cifar10, write_idx, write_image_folder, write_job
 from mlflow.tracking import MlflowClient
 
 from hpsearch.cli import cli
@@ -101,3 +101,62 @@ def test_diverged_trial_is_recorded_and_never_best(ray_runtime, tmp_path: Path) 
     assert trials[0.01]["status"] == "completed" and trials[0.01]["epochs_run"] == 3
     assert yaml.safe_load((out / "best.yaml").read_text())["hyperparameters"]["learning_rate"] == 0.01
     assert not (tmp_path / "mlflow.db").exists()  # tracking off: no store written
+
+
+def _assert_every_output(tmp_path: Path, out: Path, *, trials: int) -> dict:
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(rows) == trials and all(r["status"] in ("completed", "stopped early") for r in rows)
+    epochs = pq.read_table(out / "epochs.parquet").to_pylist()
+    assert len(epochs) == sum(r["epochs_run"] for r in rows)
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert 0 <= best["test_accuracy"] <= 1 and set(best["hyperparameters"]) == set(HYPERPARAMETERS)
+    assert (out / "best_model.pt").is_file() and (out / "job.yaml").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == trials
+    return best
+
+
+def test_cnn_search_on_cifar10_with_augmentation(ray_runtime, tmp_path: Path) -> None:
+    write_cifar10(tmp_path / "cifar", per_batch=40)
+    job = small_job(tmp_path, data={"dataset": "cifar10", "root": str(tmp_path / "cifar"), "download": False,
+                                    "augment": {"crop_padding": 4, "horizontal_flip": True}},
+                    model={"kind": "cnn"}, search={"num_samples": 2})
+    job["space"] = {"conv_blocks": {"type": "int", "low": 1, "high": 2}, "conv_channels": 8, "kernel_size": 3,
+                    "num_hidden_layers": 1, "neurons_per_layer": 32, "learning_rate": 0.003,
+                    "lr_schedule": "cosine", "epochs": 2, "batch_size": 32}
+    result, out = _run(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    best = _assert_every_output(tmp_path, out, trials=2)
+    assert best["hyperparameters"]["conv_channels"] == 8
+    assert load_job(out / "job.yaml").data.augment.crop_padding == 4
+
+
+def test_resnet18_search_on_a_streamed_image_folder(ray_runtime, tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "pets", per_class=12, size=(24, 18))
+    job = small_job(tmp_path, data={"dataset": "image_folder", "root": str(tmp_path / "pets"), "image_size": 16,
+                                    "loader": "stream", "num_workers": 1},
+                    model={"kind": "resnet18", "weights": "none"}, search={"num_samples": 2})
+    job["space"] = {"trainable_stages": {"type": "categorical", "choices": [2, 5]}, "backbone_lr_factor": 0.5,
+                    "learning_rate": 0.01, "epochs": 1, "batch_size": 8, "image_size": 32}
+    result, out = _run(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    best = _assert_every_output(tmp_path, out, trials=2)
+    assert best["hyperparameters"]["trainable_stages"] in (2, 5)
+
+
+def test_missing_pretrained_weights_stop_the_search_before_any_trial(ray_runtime, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing cached and a download refused at once (a proxy that is not there): the offline case.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    job = small_job(tmp_path, model={"kind": "resnet18", "weights": "IMAGENET1K_V1"})
+    job["space"] = {"learning_rate": 0.01, "epochs": 1}
+    result, out = _run(tmp_path, job)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "model.weights: IMAGENET1K_V1 is not in torch's cache and could not be downloaded" in result.output
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in result.output
+    assert not out.exists()

@@ -84,6 +84,15 @@ BAD_JOBS = {
                              "space.optimizer.type", "categorical"),
     "unknown optimizer": ({"space": {"optimizer": "LBFGS"}}, "space.optimizer", "Adam"),
     "grid without step": ({"search": {"searcher": {"sampler": "grid"}}}, "space.learning_rate", "step"),
+    "cnn hyperparameter on an mlp": ({"space": {"conv_blocks": 2}}, "space.conv_blocks", "model.kind cnn only"),
+    "even kernel size": ({"model": {"kind": "cnn"}, "space": {"kernel_size": 4}}, "space.kernel_size", "odd"),
+    "weights on a cnn": ({"model": {"kind": "cnn", "weights": "IMAGENET1K_V1"}}, "model.weights", "resnet18 only"),
+    "unknown weights": ({"model": {"kind": "resnet18", "weights": "IMAGENET"}}, "model.weights", "IMAGENET1K_V1"),
+    "trainable stages 6": ({"model": {"kind": "resnet18"}, "space": {"trainable_stages": 6}},
+                           "space.trainable_stages", "0 to 5"),
+    "stream on digits": ({"data": {"dataset": "digits", "loader": "stream"}}, "data.loader", "image_folder only"),
+    "augment typo": ({"data": {"dataset": "digits", "augment": {"flip": True}}}, "data.augment.flip",
+                     "horizontal_flip"),
 }
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpsearch.errors import JobError
-from hpsearch.spec import DATASETS, HYPERPARAMETERS, SAMPLERS, JobSpec, validate
+from hpsearch.spec import DATASETS, HYPERPARAMETERS, MODEL_HYPERPARAMETERS, MODEL_KINDS, SAMPLERS, JobSpec, validate
 
 # "space.learning_rate.low: must be ...", "data[':']: unknown key ...": a field path, then the rule.
 FIELD = re.compile(r"^(name|seed|data|model|space|search|resources|tracking|storage|serach|extra|\[)[^:]*.*: \S")
@@ -26,13 +26,16 @@ def _int_range(lo: int, hi: int) -> st.SearchStrategy[dict]:
 
 def _param(name: str) -> st.SearchStrategy[Any]:
     hp = HYPERPARAMETERS[name]
-    if name == "optimizer":
-        return st.one_of(st.sampled_from(["Adam", "AdamW", "SGD"]),
-                         st.just({"type": "categorical", "choices": ["Adam", "SGD"]}))
+    if hp.kind == "choice":
+        return st.one_of(st.sampled_from(hp.choices),
+                         st.just({"type": "categorical", "choices": list(hp.choices[:2])}))
+    if name == "kernel_size":
+        return st.sampled_from([1, 3, 5, {"type": "int", "low": 3, "high": 7, "step": 2}])
     if hp.kind == "int":
-        low = 0 if name == "num_hidden_layers" else 1
-        return st.one_of(st.integers(low, 64), _int_range(low, 64),
-                         st.lists(st.integers(low, 64), min_size=1, max_size=4, unique=True).map(
+        low = 0 if name in ("num_hidden_layers", "image_size", "trainable_stages") else 1
+        high = 5 if name == "trainable_stages" else 64
+        return st.one_of(st.integers(low, high), _int_range(low, high - 5 if high == 64 else low),
+                         st.lists(st.integers(low, high), min_size=1, max_size=4, unique=True).map(
                              lambda c: {"type": "categorical", "choices": c}))
     top = 0.9 if name in ("dropout_rate", "momentum") else 1.0
     low = 0.0 if name in ("dropout_rate", "momentum", "weight_decay") else 1e-6
@@ -47,7 +50,9 @@ def _param(name: str) -> st.SearchStrategy[Any]:
 
 @st.composite
 def valid_jobs(draw: st.DrawFn) -> dict[str, Any]:
-    names = draw(st.lists(st.sampled_from([n for n in HYPERPARAMETERS if n != "momentum"]), unique=True))
+    kind = draw(st.sampled_from(MODEL_KINDS))
+    usable = [n for n in HYPERPARAMETERS if n != "momentum" and kind in MODEL_HYPERPARAMETERS.get(n, (kind,))]
+    names = draw(st.lists(st.sampled_from(usable), unique=True))
     space = {n: draw(_param(n)) for n in names}
     metric, mode = draw(st.sampled_from([("val_accuracy", "max"), ("val_loss", "min"), ("train_loss", "min")]))
     scheduler = draw(st.one_of(st.just({"name": "fifo"}),
@@ -58,6 +63,7 @@ def valid_jobs(draw: st.DrawFn) -> dict[str, Any]:
         "name": draw(st.from_regex(r"[a-z][a-z0-9_-]{0,12}", fullmatch=True)),
         "seed": draw(st.integers(0, 2**31)),
         "data": {"dataset": draw(st.sampled_from(DATASETS)), "val_fraction": draw(st.floats(0.01, 0.5))},
+        "model": {"kind": kind},
         "space": space,
         "search": {"metric": metric, "mode": mode, "num_samples": draw(st.integers(1, 500)),
                    "searcher": {"name": "optuna", "sampler": draw(st.sampled_from([s for s in SAMPLERS if s != "grid"]))},
