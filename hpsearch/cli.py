@@ -101,10 +101,12 @@ def run(job_file: Path, overrides: tuple[str, ...], address: str | None) -> None
 
 
 @cli.command()
-@click.argument("search_dir", type=click.Path(path_type=Path))
+@click.argument("search_dir")
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster to run on. Default: embedded local Ray.")
-def resume(search_dir: Path, address: str | None) -> None:
+def resume(search_dir: str, address: str | None) -> None:
     """Continue a search that was stopped or killed: finished trials are kept.
+
+    SEARCH_DIR is <storage>/<name>: a folder, or a URI (s3://bucket/path/name) for a URI storage.
 
     Example: hpsearch resume hpsearch_runs/mnist-mlp
     """
@@ -112,9 +114,48 @@ def resume(search_dir: Path, address: str | None) -> None:
 
 
 @cli.command()
-@click.argument("search_dir", type=click.Path(path_type=Path))
-def best(search_dir: Path) -> None:
-    """Print the best trial of a finished search.
+@click.argument("job_file", type=click.Path(path_type=Path))
+@_set_option
+@click.option("--address", required=True, metavar="URL",
+              help="The cluster's job server (its Ray dashboard), e.g. http://HEAD:8265.")
+@click.option("--follow", is_flag=True, help="Stream the search's output and exit with its status.")
+@click.option("--working-dir", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="The folder Ray uploads for the job; it must hold JOB_FILE.")
+@click.option("--submission-id", default=None, help="Name the submission (default: Ray picks one).")
+@click.option("--token", default=None,
+              help="Ray auth token for clusters with token authentication (or set RAY_AUTH_TOKEN).")
+@click.option("--token-file", type=click.Path(path_type=Path), default=None,
+              help="File holding the Ray auth token (or set RAY_AUTH_TOKEN_PATH).")
+def submit(job_file: Path, overrides: tuple[str, ...], address: str, follow: bool, working_dir: Path,
+           submission_id: str | None, token: str | None, token_file: Path | None) -> None:
+    """Submit a search to a running Ray cluster (Ray Jobs); the driver runs on its head.
+
+    The job file is checked here first; the working directory, with the job file in it, is
+    uploaded. Exit code with --follow: 0 when the search succeeded, else the search's own code
+    (1 failure limit, 2 bad input on the cluster, 130 stopped).
+
+    Example: hpsearch submit jobs/mnist.yaml --address http://HEAD:8265 --follow
+    """
+    from hpsearch import submit as submit_mod
+
+    submit_mod.set_auth(token, token_file)
+    sub = submit_mod.submit(job_file, address=address, overrides=overrides, working_dir=working_dir,
+                            submission_id=submission_id)
+    click.echo(f"submitted {sub.submission_id} to {address}: {sub.entrypoint}")
+    if not follow:
+        click.echo(f"follow it with: ray job logs --follow {sub.submission_id} --address {address}")
+        click.echo(f"stop it with:   ray job stop {sub.submission_id} --address {address}")
+        return
+    status, code = submit_mod.follow(sub, echo=click.echo)
+    click.echo(f"job {sub.submission_id}: {status}")
+    if code:
+        raise SystemExit(code)
+
+
+@cli.command()
+@click.argument("search_dir")
+def best(search_dir: str) -> None:
+    """Print the best trial of a finished search (a folder, or a URI for a URI storage).
 
     Example: hpsearch best hpsearch_runs/mnist-mlp
     """
@@ -155,7 +196,7 @@ def _print_summary(s: Any) -> None:
             click.echo(f"  {row['trial_id']:<14}{row['status']:<15}{row[f'best_{metric}']:>13.4f}  {cells}")
     if s.best:
         click.echo(f"\nbest: trial {s.best['trial_id']}, test_accuracy {_fmt(s.best.get('test_accuracy'))}")
-    click.echo(f"\noutputs:  {s.search_dir}  (trials.parquet, epochs.parquet, best.yaml, job.yaml)")
+    click.echo(f"\noutputs:  {s.location or s.search_dir}  (trials.parquet, epochs.parquet, best.yaml, job.yaml)")
     if s.tracking_uri:
         click.echo(f"MLflow:   {s.tracking_uri}  (parent run {s.parent_run_id}); "
                    f"view with: mlflow ui --backend-store-uri {s.tracking_uri}")

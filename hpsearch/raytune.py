@@ -53,8 +53,9 @@ class SearchCallback(tune.Callback):
     """
 
     def __init__(self, *, log_path: str, metric: str, num_samples: int, tracker: Tracker | None,
-                 limit: FailedTrialsLimit) -> None:
+                 limit: FailedTrialsLimit, upload_to: str | None = None) -> None:
         self.log_path = log_path
+        self.upload_to = upload_to  # a URI storage's <storage>/<name>: the log is copied there as trials end
         self.metric = metric
         self.num_samples = num_samples
         self.tracker = tracker
@@ -91,7 +92,7 @@ class SearchCallback(tune.Callback):
         if trial.trial_id in self._ended_before:
             return
         keep = {k: result.get(k) for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "diverged",
-                                           "epoch_time_s", "time_total_s", "timestamp")}
+                                           "epoch_time_s", "time_total_s", "timestamp", "node_id", "node_ip")}
         self._last[trial.trial_id] = keep
         self._write({"event": "result", "trial_id": trial.trial_id, **keep})
         if self.tracker is not None:
@@ -126,11 +127,24 @@ class SearchCallback(tune.Callback):
         why = f" — {error}" if error else ""
         logger.info("[%d/%d] trial %s %s after %d epoch%s %s%s", len(self._ended), self.num_samples, trial.trial_id,
                     status, epochs, "" if epochs == 1 else "s", shown, why)
+        self._upload_log()
+
+    def _upload_log(self) -> None:
+        """With a URI storage, keep the log beside Tune's state there: a resume elsewhere needs it."""
+        if not self.upload_to:
+            return
+        from hpsearch.storage import Remote
+
+        try:
+            Remote(self.upload_to).upload(Path(self.log_path), Path(self.log_path).name)
+        except Exception as e:  # the search goes on; the upload at the end tries again
+            logger.warning("could not upload the trial log to %s: %s", self.upload_to, e)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         # The trials Tune knows: after a restore, trials a killed driver had started but not yet
         # saved are gone from it (they were replaced); the results leave those out.
         self._write({"event": "trials", "ids": [t.trial_id for t in trials]})
+        self._upload_log()
         for trial in trials:
             if trial.trial_id in self._started and trial.trial_id not in self._ended and self.tracker is not None:
                 # Stopped by Ctrl-C / SIGTERM: it continues on resume; until then its run is KILLED.

@@ -106,6 +106,8 @@ def epoch_rows(records: Iterable[TrialRecord]) -> list[dict[str, Any]]:
                 "epoch_time_s": _float(e.get("epoch_time_s")),
                 "time_total_s": _float(e.get("time_total_s")),
                 "timestamp": _float(e.get("timestamp")),
+                "node_id": e.get("node_id"),
+                "node_ip": e.get("node_ip"),
             })
     return rows
 
@@ -202,7 +204,8 @@ def _epoch_schema() -> Any:
     return pa.schema([("trial_id", pa.string()), ("epoch", pa.int64())]
                      + [(m, pa.float64()) for m in EPOCH_METRICS]
                      + [("diverged", pa.bool_()), ("epoch_time_s", pa.float64()),
-                        ("time_total_s", pa.float64()), ("timestamp", pa.float64())])
+                        ("time_total_s", pa.float64()), ("timestamp", pa.float64()),
+                        ("node_id", pa.string()), ("node_ip", pa.string())])
 
 
 def write_parquet(path: Path, rows: list[dict[str, Any]], schema: Any) -> None:
@@ -234,7 +237,16 @@ def _atomic(path: Path, write: Callable[[Any], None], *, binary: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def read_best(search_dir: Path) -> dict[str, Any]:
+def read_best(search_dir: str | Path) -> dict[str, Any]:
+    """``best.yaml`` of a search: its folder, or ``<storage>/<name>`` as a URI."""
+    if "://" in str(search_dir):
+        from hpsearch.storage import Remote
+
+        remote = Remote(str(search_dir))
+        if not remote.exists(BEST_FILE):
+            raise SearchError(f"{search_dir}: no {BEST_FILE}; the search has not finished, no trial succeeded, "
+                              "or this is no search")
+        return yaml.safe_load(remote.read_bytes(BEST_FILE))
     path = Path(search_dir) / BEST_FILE
     if not path.is_file():
         if not Path(search_dir).is_dir():

@@ -44,6 +44,7 @@ class SearchSummary:
     tracking_uri: str | None = None
     parent_run_id: str | None = None
     stopped: str | None = None  # why the search ended before all its trials did, if it did
+    location: str = ""  # <storage>/<name>: the search folder, or its URI
 
 
 def run_search(job: JobSpec, *, address: str | None = None, trial_fn: Any = None) -> SearchSummary:
@@ -53,18 +54,23 @@ def run_search(job: JobSpec, *, address: str | None = None, trial_fn: Any = None
     same arguments as :func:`hpsearch.trial.run_trial`.
     """
     t_start = time.time()
-    search_dir = job.storage_dir()
-    if _has_search(search_dir):
+    place = Place.of(job)
+    search_dir = place.local
+    if _has_search(search_dir) or (place.remote is not None and place.remote.exists("tuner.pkl")):
         raise SearchError(
-            f"storage: {search_dir} already holds a search named {job.name!r}; continue it with "
-            f"`hpsearch resume {search_dir}`, or start a new one with `--set name=<new name>`"
+            f"storage: {place.experiment} already holds a search named {job.name!r}; continue it with "
+            f"`hpsearch resume {place.experiment}`, or start a new one with `--set name=<new name>`"
         )
+    if place.remote is not None:
+        place.remote.check_writable()
+        shutil.rmtree(search_dir, ignore_errors=True)  # a mirror left by an earlier search of this name
     _check_writable(search_dir.parent)
     created = not search_dir.exists()
     try:
         search_dir.mkdir(parents=True, exist_ok=True)
         results.write_yaml(search_dir / results.JOB_FILE, job.to_dict())
-        return _fit(job, search_dir=search_dir, address=address, resume=False, t_start=t_start, trial_fn=trial_fn)
+        place.upload(results.JOB_FILE)
+        return _fit(job, place=place, address=address, resume=False, t_start=t_start, trial_fn=trial_fn)
     except BaseException:
         # Nothing half-written: a search that never got to run its trials leaves no folder.
         if created and not (search_dir / results.TRIAL_LOG).exists():
@@ -72,24 +78,82 @@ def run_search(job: JobSpec, *, address: str | None = None, trial_fn: Any = None
         raise
 
 
-def resume_search(search_dir: str | os.PathLike[str], *, address: str | None = None,
+def resume_search(location: str | os.PathLike[str], *, address: str | None = None,
                   trial_fn: Any = None) -> SearchSummary:
-    """Continue a search stopped or killed midway: finished trials kept, unfinished ones resumed."""
+    """Continue a search stopped or killed midway: finished trials kept, unfinished ones resumed.
+
+    ``location``: the search's folder (``<storage>/<name>``), or its URI for a URI storage.
+    """
+    from hpsearch import storage
+
     t_start = time.time()
-    search_dir = Path(search_dir).expanduser().resolve()
+    if storage.is_uri(str(location)):
+        uri = str(location).rstrip("/")
+        remote = storage.Remote(uri)
+        if not remote.exists(results.JOB_FILE):
+            raise SearchError(f"{uri}: not a search (no {results.JOB_FILE}); give <storage>/<name>")
+        search_dir = storage.mirror_dir(uri)
+        for name in (results.JOB_FILE, results.TRIAL_LOG, STATE_FILE):
+            if remote.exists(name):
+                remote.download(name, search_dir / name)
+        job = load_job(search_dir / results.JOB_FILE)
+        from dataclasses import replace
+
+        storage_uri, _, name = uri.rpartition("/")
+        job = replace(job, storage=storage_uri, name=name)
+        if not remote.exists("tuner.pkl"):
+            raise SearchError(f"{uri}: Ray Tune never started this search, so there is nothing to resume; "
+                              "run it again with `hpsearch run`")
+        return _fit(job, place=Place.of(job), address=address, resume=True, t_start=t_start, trial_fn=trial_fn)
+
+    search_dir = Path(location).expanduser().resolve()
     job_file = search_dir / results.JOB_FILE
     if not job_file.is_file():
         raise SearchError(f"{search_dir}: not a search folder (no {results.JOB_FILE}); give <storage>/<name>")
     job = load_job(job_file)
-    if job.storage_dir() != search_dir:
-        # The folder was moved: point storage at where it is now.
+    if storage.is_uri(job.storage) or job.storage_dir() != search_dir:
+        # The folder was moved (or is a mirror): point storage at where it is now.
         from dataclasses import replace
 
         job = replace(job, storage=str(search_dir.parent), name=search_dir.name)
     if not (search_dir / "tuner.pkl").exists():
         raise SearchError(f"{search_dir}: Ray Tune never started this search, so there is nothing to resume; "
                           "run it again with `hpsearch run`")
-    return _fit(job, search_dir=search_dir, address=address, resume=True, t_start=t_start, trial_fn=trial_fn)
+    return _fit(job, place=Place.of(job), address=address, resume=True, t_start=t_start, trial_fn=trial_fn)
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where one search lives: hpsearch's files (``local``) and Tune's experiment (``experiment``).
+
+    With a plain-path storage both are ``<storage>/<name>``. With a URI storage, Tune writes the
+    experiment at the URI and hpsearch's files are written locally, then uploaded beside it.
+    """
+
+    local: Path
+    experiment: str
+    remote_uri: str | None = None
+
+    @staticmethod
+    def of(job: JobSpec) -> Place:
+        from hpsearch import storage
+
+        uri = job.experiment_location() if storage.is_uri(job.storage) else None
+        return Place(job.storage_dir(), job.experiment_location(), uri)
+
+    @property
+    def remote(self) -> Any:
+        from hpsearch import storage
+
+        return storage.Remote(self.remote_uri) if self.remote_uri else None
+
+    def upload(self, *names: str) -> None:
+        remote = self.remote
+        if remote is None:
+            return
+        for name in names:
+            if (self.local / name).is_file():
+                remote.upload(self.local / name, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,10 +212,11 @@ def _init_ray(address: str | None) -> bool:
     return True
 
 
-def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t_start: float,
+def _fit(job: JobSpec, *, place: Place, address: str | None, resume: bool, t_start: float,
          trial_fn: Any = None) -> SearchSummary:
     from concurrent.futures import ThreadPoolExecutor
 
+    search_dir = place.local
 
     tracker = _tracker(job, search_dir)
     new_parent = tracker is not None and tracker.parent_run_id is None
@@ -161,17 +226,19 @@ def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t
     # search before a trial runs, and what was set up is undone.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hpsearch-setup") as pool:
         data_f = pool.submit(_load_data, job)
-        track_f = pool.submit(_start_tracking, tracker, job, search_dir) if new_parent else None
+        track_f = pool.submit(_start_tracking, tracker, job, place) if new_parent else None
         try:
             started_ray = _init_ray(address)
             logger.debug("%.1f s: Ray ready", time.time() - t_start)
 
+            if address is not None and place.remote_uri is None:
+                _check_shared_storage(search_dir)
             dataset, pretrained = data_f.result()
             logger.debug("%.1f s: data ready", time.time() - t_start)
             if track_f is not None:
                 track_f.result()
                 logger.debug("%.1f s: MLflow ready", time.time() - t_start)
-            tuner, gpu = _tuner(job, search_dir=search_dir, dataset=dataset, tracker=tracker, resume=resume,
+            tuner, gpu = _tuner(job, place=place, dataset=dataset, tracker=tracker, resume=resume,
                                 trial_fn=trial_fn, pretrained=pretrained)
         except BaseException:
             for f in (data_f, track_f):
@@ -196,7 +263,7 @@ def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t
         logger.debug("%.1f s: fit done", time.time() - t_start)
         # The outputs need no Ray: write them while Ray shuts down (seconds, on a small machine).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpsearch-results") as pool:
-            summary = pool.submit(_write_results, job, search_dir=search_dir, dataset=dataset, tracker=tracker,
+            summary = pool.submit(_write_results, job, place=place, dataset=dataset, tracker=tracker,
                                   t_start=t_start, fit_s=time.time() - t_fit, gpu=gpu)
             if started_ray:
                 _shutdown_ray()
@@ -207,6 +274,43 @@ def _fit(job: JobSpec, *, search_dir: Path, address: str | None, resume: bool, t
     finally:
         if started_ray:
             _shutdown_ray()
+
+
+def _check_shared_storage(search_dir: Path) -> None:
+    """On a cluster of several nodes, every node must see the storage folder (since Ray 2.7 trial
+    folders are not synced to the head): refuse before any trial starts, with the fix.
+
+    Checked, not guessed: the driver writes a probe file and a task on every node looks for it.
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        logger.info("storage %s: a local path on a one-node cluster; nodes added later must see it at the "
+                    "same path (NFS), or use an s3:// / gs:// storage", search_dir.parent)
+        return
+    probe = search_dir.parent / f".hpsearch-shared-{uuid.uuid4().hex}"
+    probe.write_text("")
+    try:
+        @ray.remote(num_cpus=0)
+        def sees(path: str) -> bool:
+            return os.path.exists(path)
+
+        refs = {n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")": sees.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(probe))
+            for n in nodes}
+        blind = [name for name, ref in refs.items() if not ray.get(ref, timeout=120)]
+    finally:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise StorageError(
+            f"storage: {search_dir.parent} is not shared: {len(blind)} of the cluster's {len(nodes)} nodes "
+            f"cannot see it ({', '.join(blind)}). Trials on several nodes need one storage they all reach: "
+            "a shared filesystem (NFS) mounted at the same path on every node, or an s3:// / gs:// URI"
+        )
 
 
 def _load_data(job: JobSpec) -> tuple[Any, Any]:
@@ -238,9 +342,10 @@ def _tracker(job: JobSpec, search_dir: Path) -> Any:
     return Tracker(uri=uri, experiment=job.experiment, parent_run_id=state.get("parent_run_id"))
 
 
-def _start_tracking(tracker: Any, job: JobSpec, search_dir: Path) -> None:
-    tracker.start(job=job.to_dict(), run_name=job.name, job_file=search_dir / results.JOB_FILE)
-    _write_state(search_dir, {"tracking_uri": tracker.uri, "parent_run_id": tracker.parent_run_id})
+def _start_tracking(tracker: Any, job: JobSpec, place: Place) -> None:
+    tracker.start(job=job.to_dict(), run_name=job.name, job_file=place.local / results.JOB_FILE)
+    _write_state(place.local, {"tracking_uri": tracker.uri, "parent_run_id": tracker.parent_run_id})
+    place.upload(STATE_FILE)
 
 
 @contextlib.contextmanager
@@ -261,9 +366,10 @@ def _sigterm_stops_gracefully() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume: bool,
+def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bool,
            trial_fn: Any = None, pretrained: Any = None) -> tuple[Any, float]:
-    """A new Tuner for the job, or the restored one of ``search_dir``; and the GPUs per trial."""
+    """A new Tuner for the job, or the restored one of its place; and the GPUs per trial."""
+    search_dir = place.local
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -277,13 +383,13 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_fn or trial.run_trial, data=dataset.for_trials(), model_spec=job.model, seed=job.seed,
-            cpus=job.resources.cpu, gpus=gpu, search_dir=str(search_dir), ended=ended,
+            cpus=job.resources.cpu, gpus=gpu, search_dir=place.experiment, ended=ended,
             **({"pretrained": pretrained} if pretrained is not None else {}),
         ),
         {"cpu": job.resources.cpu, "gpu": gpu},
     )
     if resume:
-        tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(place.experiment, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
         return tuner, gpu
 
@@ -298,6 +404,7 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
         scheduler = FIFOScheduler()
     limit = raytune.FailedTrialsLimit(job.search.max_failed_trials)
     callback = raytune.SearchCallback(log_path=str(search_dir / results.TRIAL_LOG), metric=metric,
+                                      upload_to=place.remote_uri,
                                       num_samples=job.search.num_samples, tracker=tracker, limit=limit)
     tuner = tune.Tuner(
         trainable,
@@ -311,8 +418,8 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
             reuse_actors=True,  # measured: 16 one-second trials, 47 s with fresh actors, 8 s reused
         ),
         run_config=tune.RunConfig(
-            name=search_dir.name,
-            storage_path=str(search_dir.parent),
+            name=job.name,
+            storage_path=job.storage if place.remote_uri else str(search_dir.parent),
             callbacks=[callback],
             stop=limit,
             failure_config=tune.FailureConfig(max_failures=job.search.max_failures),
@@ -326,11 +433,15 @@ def _tuner(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, resume
     return tuner, gpu
 
 
-def _write_results(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any, t_start: float,
+def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_start: float,
                    fit_s: float, gpu: float) -> SearchSummary:
-    from hpsearch.trial import STATE_FILE
+    import io
 
-    records = records_from_log(search_dir)
+    from hpsearch import storage
+    from hpsearch.trial import STATE_FILE as CHECKPOINT_STATE
+
+    search_dir = place.local
+    records = records_from_log(search_dir, experiment=place.experiment)
     metric, mode = job.search.metric, job.search.mode
 
     def test_score(checkpoint_dir: str, config: dict[str, Any]) -> tuple[float, Any]:
@@ -338,7 +449,8 @@ def _write_results(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any
 
         from hpsearch.trainable import score_test_set
 
-        state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+        raw = storage.read_file(f"{checkpoint_dir}/{CHECKPOINT_STATE}")
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         device = "cuda" if gpu > 0 and torch.cuda.is_available() else "cpu"
         return score_test_set(state, config, data=dataset, model_spec=job.model, device=device), state["model"]
 
@@ -358,7 +470,7 @@ def _write_results(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any
         len(records) < job.search.num_samples
         and not (job.search.time_budget_s and fit_s >= job.search.time_budget_s * 0.98)
     ):
-        stopped = f"interrupted; continue with: hpsearch resume {search_dir}"
+        stopped = f"interrupted; continue with: hpsearch resume {place.experiment}"
 
     if tracker is not None:
         # One child run per trial of the search, with our status; orphans and duplicates closed.
@@ -366,31 +478,32 @@ def _write_results(job: JobSpec, *, search_dir: Path, dataset: Any, tracker: Any
         files = [search_dir / name for name in (results.BEST_FILE, results.TRIALS_FILE, results.EPOCHS_FILE)]
         status = "KILLED" if stopped and stopped.startswith("interrupted") else ("FINISHED" if best else "FAILED")
         tracker.finish(best=best, files=files, model_file=search_dir / results.MODEL_FILE, status=status)
+    place.upload(results.JOB_FILE, results.TRIALS_FILE, results.EPOCHS_FILE, results.BEST_FILE, results.MODEL_FILE,
+                 results.TRIAL_LOG, STATE_FILE)
     return SearchSummary(
-        search_dir=search_dir, best=best, counts=counts, top=results.top_trials(rows, metric=metric, mode=mode),
+        search_dir=search_dir, location=place.experiment, best=best, counts=counts, top=results.top_trials(rows, metric=metric, mode=mode),
         wall_s=time.time() - t_start, tracking_uri=tracker.uri if tracker else None,
         parent_run_id=tracker.parent_run_id if tracker else None, stopped=stopped,
     )
 
 
-def records_from_log(search_dir: Path) -> list[results.TrialRecord]:
+def records_from_log(search_dir: Path, *, experiment: str | None = None) -> list[results.TrialRecord]:
     """Fold our trial log into one record per trial (epochs de-duplicated across retries/resumes).
 
     Left out: orphans, trials a killed driver started that Tune did not know after its restore
     (new trials replaced them, so they are no trials of the search).
     """
     from hpsearch import raytune
+    from hpsearch.trial import trial_dirname
 
     by_id: dict[str, results.TrialRecord] = {}
     epochs: dict[str, dict[int, dict[str, Any]]] = {}
-    paths: dict[str, str] = {}
     known: set[str] | None = None
     for e in raytune.read_events(search_dir / results.TRIAL_LOG):
         tid = e.get("trial_id")
         if e["event"] == "start":
             rec = by_id.setdefault(tid, results.TrialRecord(trial_id=tid, config=e["config"]))
             rec.error, rec.ended = None, False  # a resumed trial starts its outcome over
-            paths[tid] = e.get("path") or paths.get(tid, "")
         elif e["event"] == "trials":
             known = set(e["ids"])
         elif tid not in by_id:
@@ -401,19 +514,21 @@ def records_from_log(search_dir: Path) -> list[results.TrialRecord]:
             by_id[tid].error, by_id[tid].ended = e.get("error"), True
     for tid, rec in by_id.items():
         rec.epochs = [epochs.get(tid, {})[k] for k in sorted(epochs.get(tid, {}))]
-        rec.checkpoints = _checkpoints(Path(paths.get(tid, "")))
+        rec.checkpoints = _checkpoints(f"{(experiment or str(search_dir)).rstrip('/')}/{trial_dirname(tid)}")
     return [r for tid, r in by_id.items() if known is None or tid in known]
 
 
-def _checkpoints(trial_dir: Path) -> list[tuple[str, dict[str, Any]]]:
-    from hpsearch.trial import CHECKPOINT_METRICS, STATE_FILE
+def _checkpoints(trial_location: str) -> list[tuple[str, dict[str, Any]]]:
+    """(folder, its epoch's metrics) of each complete checkpoint of a trial (local path or URI)."""
+    from hpsearch import storage
+    from hpsearch.trial import CHECKPOINT_METRICS
 
     found = []
-    if trial_dir.is_dir():
-        for folder in sorted(trial_dir.glob("checkpoint_*")):
-            meta = folder / CHECKPOINT_METRICS
-            if meta.is_file() and (folder / STATE_FILE).is_file():
-                found.append((str(folder), json.loads(meta.read_text())))
+    for folder in storage.checkpoint_folders(trial_location):
+        try:
+            found.append((folder, json.loads(storage.read_file(f"{folder}/{CHECKPOINT_METRICS}"))))
+        except (OSError, ValueError):  # cut short by a kill: not a checkpoint to use
+            continue
     return found
 
 

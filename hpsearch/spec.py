@@ -258,8 +258,19 @@ class JobSpec:
         return self.search.scheduler.max_t or self.max_epochs()
 
     def storage_dir(self) -> Path:
-        """``<storage>/<name>``, where Tune's state and our outputs live (local storage only)."""
+        """``<storage>/<name>``, where Tune's state and our outputs live; for a URI storage, the
+        local folder that mirrors hpsearch's own files (see :mod:`hpsearch.storage`)."""
+        if "://" in self.storage:
+            from hpsearch.storage import mirror_dir
+
+            return mirror_dir(self.experiment_location())
         return Path(os.path.expanduser(self.storage)).resolve() / self.name
+
+    def experiment_location(self) -> str:
+        """``<storage>/<name>`` as Ray Tune sees it: a local path, or a URI."""
+        if "://" in self.storage:
+            return f"{self.storage.rstrip('/')}/{self.name}"
+        return str(Path(os.path.expanduser(self.storage)).resolve() / self.name)
 
     def tracking_uri(self) -> str:
         """The MLflow URI the driver uses, made absolute (Ray runs trials in other folders)."""

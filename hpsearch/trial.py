@@ -28,7 +28,8 @@ def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed:
               search_dir: str = "", ended: frozenset[str] = frozenset(), pretrained: Any = None) -> None:
     """Tune's trainable: adapts :func:`hpsearch.trainable.train` to ``tune.report`` and checkpoints.
 
-    ``search_dir``: the search's folder in the storage, where the trial's checkpoints are kept.
+    ``search_dir``: the search's folder in the storage (a path or a URI), where the trial's
+    checkpoints are kept.
     ``ended``: on resume, the trials our log saw end. Tune restores from its last experiment
     snapshot, which can be older than a trial's end; such a trial must not run again (an
     ASHA-stopped one would otherwise train to its full budget).
@@ -50,9 +51,15 @@ def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed:
     else:
         # After a killed driver, Tune restores from its last experiment snapshot, which may predate
         # the trial's newest checkpoints (or all of them); those are on disk all the same.
-        state = _latest_checkpoint_on_disk(Path(search_dir) / trial_dirname(trial_id)) if search_dir else None
+        state = _latest_checkpoint_in(f"{search_dir.rstrip('/')}/{trial_dirname(trial_id)}") if search_dir else None
+
+    # Which node ran each epoch: on a cluster, where a trial moved after a node was lost.
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict[str, Any], to_save: dict[str, Any] | None) -> None:
+        metrics = {**metrics, "node_id": node_id}
         if to_save is None:
             tune.report(metrics)
             return
@@ -74,19 +81,25 @@ def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed:
         ) from None
 
 
-def _latest_checkpoint_on_disk(trial_dir: Path) -> dict[str, Any] | None:
+def _latest_checkpoint_in(trial_location: str) -> dict[str, Any] | None:
+    """The newest readable checkpoint in a trial's folder (a local path or a URI)."""
+    import io
+
     import torch
 
-    def epoch(folder: Path) -> int:
+    from hpsearch import storage
+
+    def epoch(folder: str) -> int:
         # By the epoch it holds, not the folder's number: Tune numbers anew after a restore.
         try:
-            return int(json.loads((folder / CHECKPOINT_METRICS).read_text())["epoch"])
+            return int(json.loads(storage.read_file(f"{folder}/{CHECKPOINT_METRICS}"))["epoch"])
         except (OSError, ValueError, KeyError, TypeError):
             return -1
 
-    for folder in sorted(trial_dir.glob("checkpoint_*"), key=epoch, reverse=True):
+    for folder in sorted(storage.checkpoint_folders(trial_location), key=epoch, reverse=True):
         try:
-            return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(storage.read_file(f"{folder}/{STATE_FILE}")), map_location="cpu",
+                              weights_only=True)
         except Exception:  # a checkpoint cut short by the kill: try the one before
             continue
     return None
