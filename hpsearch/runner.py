@@ -441,6 +441,7 @@ def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_
     from hpsearch.trial import STATE_FILE as CHECKPOINT_STATE
 
     search_dir = place.local
+    _fetch_newer_log(place)
     records = records_from_log(search_dir, experiment=place.experiment)
     metric, mode = job.search.metric, job.search.mode
 
@@ -485,6 +486,20 @@ def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_
         wall_s=time.time() - t_start, tracking_uri=tracker.uri if tracker else None,
         parent_run_id=tracker.parent_run_id if tracker else None, stopped=stopped,
     )
+
+
+def _fetch_newer_log(place: Place) -> None:
+    """With a URI storage, the trial log at the URI is the longer one where Tune's loop ran
+    elsewhere (a Ray Client driver: the callback then writes on the head and uploads there)."""
+    remote = place.remote
+    if remote is None or not remote.exists(results.TRIAL_LOG):
+        return
+    local = place.local / results.TRIAL_LOG
+    data = remote.read_bytes(results.TRIAL_LOG)
+    if not local.is_file() or len(data) > local.stat().st_size:
+        tmp = local.with_name(f".{local.name}.part")
+        tmp.write_bytes(data)
+        os.replace(tmp, local)
 
 
 def records_from_log(search_dir: Path, *, experiment: str | None = None) -> list[results.TrialRecord]:

@@ -160,3 +160,35 @@ def test_missing_pretrained_weights_stop_the_search_before_any_trial(ray_runtime
     assert "model.weights: IMAGENET1K_V1 is not in torch's cache and could not be downloaded" in result.output
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in result.output
     assert not out.exists()
+
+
+def test_uri_storage_keeps_everything_at_the_uri(ray_runtime, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # file:// goes through pyarrow's filesystems exactly as s3:// and gs:// do, without a network.
+    monkeypatch.setenv("HPSEARCH_MIRROR", str(tmp_path / "mirror"))
+    uri = f"file://{tmp_path / 'bucket'}/searches"
+    job = small_job(tmp_path, storage=uri, search={"num_samples": 2})
+    path = write_job(tmp_path / "job.yaml", job)
+    result = CliRunner().invoke(cli, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"outputs:  {uri}/t" in result.output
+    remote = tmp_path / "bucket" / "searches" / "t"
+    for name in ("job.yaml", "trials.parquet", "epochs.parquet", "best.yaml", "best_model.pt",
+                 "hpsearch_trials.jsonl", "tuner.pkl"):
+        assert (remote / name).is_file(), name
+    assert len(pq.read_table(remote / "trials.parquet")) == 2
+    assert list(remote.glob("trial_*/checkpoint_*/state.pt"))  # Tune's checkpoints, at the URI too
+    best = yaml.safe_load((remote / "best.yaml").read_text())
+    assert best["test_accuracy"] > 0.5 and best["checkpoint"].startswith(f"{uri}/t/trial_")
+
+    shown = CliRunner().invoke(cli, ["best", f"{uri}/t"])
+    assert shown.exit_code == 0 and best["trial_id"] in shown.output
+    again = CliRunner().invoke(cli, ["run", str(path)])
+    assert again.exit_code == 2 and f"hpsearch resume {uri}/t" in again.output
+    # Resume from the URI alone (the local mirror gone, as on another machine): nothing left to run.
+    import shutil
+
+    shutil.rmtree(tmp_path / "mirror")
+    resumed = CliRunner().invoke(cli, ["resume", f"{uri}/t"])
+    assert resumed.exit_code == 0, resumed.output
+    assert len(pq.read_table(remote / "trials.parquet")) == 2
