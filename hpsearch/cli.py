@@ -187,8 +187,8 @@ def _print_summary(s: Any) -> None:
     if s.top:
         metric = s.best["metric"] if s.best else "val_accuracy"
         click.echo(f"\nbest trials by {metric}:")
-        hp_cols = ("num_hidden_layers", "neurons_per_layer", "learning_rate", "dropout_rate", "batch_size",
-                   "optimizer", "weight_decay", "epochs")
+        hp_cols = tuple(s.columns) or ("num_hidden_layers", "neurons_per_layer", "learning_rate", "dropout_rate",
+                                       "batch_size", "optimizer", "weight_decay", "epochs")
         header = f"  {'trial':<14}{'status':<15}{metric:>13}  " + "  ".join(f"{c[:12]:>12}" for c in hp_cols)
         click.echo(header)
         for row in s.top:
@@ -200,6 +200,8 @@ def _print_summary(s: Any) -> None:
     if s.tracking_uri:
         click.echo(f"MLflow:   {s.tracking_uri}  (parent run {s.parent_run_id}); "
                    f"view with: mlflow ui --backend-store-uri {s.tracking_uri}")
+    if s.note:
+        click.secho(f"\nnote: {s.note}", fg="yellow")
     if s.stopped:
         click.secho(f"\nsearch stopped early: {s.stopped}", fg="yellow", err=True)
         raise SystemExit(130 if s.stopped.startswith("interrupted") else 1)

@@ -75,9 +75,7 @@ class SearchCallback(tune.Callback):
             self.tracker.adopt_existing_runs()
 
     def _write(self, event: dict[str, Any]) -> None:
-        event.setdefault("time", time.time())
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event, default=str) + "\n")
+        append_event(Path(self.log_path), event)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id in self._ended_before:
@@ -181,6 +179,13 @@ def ended_trials(path: Path) -> dict[str, str]:
         elif e["event"] == "end":
             ended[e["trial_id"]] = e["status"]
     return ended
+
+
+def append_event(path: Path, event: dict[str, Any]) -> None:
+    """One line of the trial log."""
+    event.setdefault("time", time.time())
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(event, default=str) + "\n")
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

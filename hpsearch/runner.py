@@ -45,6 +45,8 @@ class SearchSummary:
     parent_run_id: str | None = None
     stopped: str | None = None  # why the search ended before all its trials did, if it did
     location: str = ""  # <storage>/<name>: the search folder, or its URI
+    note: str | None = None  # how the search ended, when users should know (e.g. its time budget)
+    columns: list[str] = field(default_factory=list)  # the hyperparameters searched (the table's columns)
 
 
 def run_search(job: JobSpec, *, address: str | None = None, trial_fn: Any = None) -> SearchSummary:
@@ -444,6 +446,19 @@ def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_
     _fetch_newer_log(place)
     records = records_from_log(search_dir, experiment=place.experiment)
     metric, mode = job.search.metric, job.search.mode
+    budget = job.search.time_budget_s
+    budget_hit = bool(budget) and fit_s >= budget * 0.98
+    if budget_hit:
+        # The time budget ends the search: the trials it cut short are over (stopped early, or not
+        # run), not interrupted; the search is finished, not waiting for a resume.
+        from hpsearch import raytune
+
+        for rec in records:
+            if not rec.ended and not rec.error:
+                rec.ended = True
+                raytune.append_event(search_dir / results.TRIAL_LOG,
+                                     {"event": "end", "trial_id": rec.trial_id, "status": rec.status,
+                                      "error": None, "reason": "time budget"})
 
     def test_score(checkpoint_dir: str, config: dict[str, Any]) -> tuple[float, Any]:
         import torch
@@ -467,11 +482,11 @@ def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_
     if job.search.max_failed_trials is not None and failed >= job.search.max_failed_trials:
         stopped = (f"{failed} trials failed (search.max_failed_trials: {job.search.max_failed_trials}); "
                    f"their errors are in {results.TRIALS_FILE}")
-    elif counts.get("interrupted", 0) or (
-        len(records) < job.search.num_samples
-        and not (job.search.time_budget_s and fit_s >= job.search.time_budget_s * 0.98)
-    ):
+    elif counts.get("interrupted", 0) or (len(records) < job.search.num_samples and not budget_hit):
         stopped = f"interrupted; continue with: hpsearch resume {place.experiment}"
+    note = None
+    if budget_hit:
+        note = f"the time budget ({budget:g} s) ended the search after {len(records)} of {job.search.num_samples} trials"
 
     if tracker is not None:
         # One child run per trial of the search, with our status; orphans and duplicates closed.
@@ -484,7 +499,8 @@ def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_
     return SearchSummary(
         search_dir=search_dir, location=place.experiment, best=best, counts=counts, top=results.top_trials(rows, metric=metric, mode=mode),
         wall_s=time.time() - t_start, tracking_uri=tracker.uri if tracker else None,
-        parent_run_id=tracker.parent_run_id if tracker else None, stopped=stopped,
+        parent_run_id=tracker.parent_run_id if tracker else None, stopped=stopped, note=note,
+        columns=[name for name, p in job.space if type(p).__name__ != "FixedParam"],
     )
 
 

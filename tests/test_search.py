@@ -192,3 +192,15 @@ def test_uri_storage_keeps_everything_at_the_uri(ray_runtime, tmp_path: Path,
     resumed = CliRunner().invoke(cli, ["resume", f"{uri}/t"])
     assert resumed.exit_code == 0, resumed.output
     assert len(pq.read_table(remote / "trials.parquet")) == 2
+
+
+def test_time_budget_ends_the_search_cleanly(ray_runtime, tmp_path: Path) -> None:
+    job = small_job(tmp_path, search={"num_samples": 20, "time_budget_s": 15}, tracking={"enabled": False})
+    job["space"].update(epochs=300, batch_size=8)  # longer than the budget: running trials are cut
+    result, out = _run(tmp_path, job)
+    assert result.exit_code == 0, result.output  # a budget reached is a normal end, not an interruption
+    assert "the time budget (15 s) ended the search after" in result.output
+    trials = pq.read_table(out / "trials.parquet").to_pylist()
+    assert 1 <= len(trials) < 20
+    assert {t["status"] for t in trials} <= {"completed", "stopped early", "not run"}
+    assert any(t["status"] == "stopped early" for t in trials)
