@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from hpsearch.errors import SearchError
-from hpsearch.spec import HYPERPARAMETERS, resolve_hyperparameters
+from hpsearch.spec import HYPERPARAMETERS, hyperparameter_names, resolve_hyperparameters
 
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
@@ -52,10 +52,11 @@ class TrialRecord:
     error: str | None = None
     checkpoints: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (folder, its result)
     ended: bool = True  # False: still running when the search stopped (it continues on resume)
+    model_kind: str | None = None  # the hyperparameters shown are the ones this model uses
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
-        return resolve_hyperparameters(self.config)
+        return resolve_hyperparameters(self.config, self.model_kind)
 
     @property
     def status(self) -> str:
@@ -152,7 +153,8 @@ def write_outputs(
     ``test_score(checkpoint_dir, config)`` returns (test accuracy, model state) for the best
     trial's checkpoint; the state is saved as ``best_model.pt``.
     """
-    write_parquet(out_dir / TRIALS_FILE, trial_rows(records, metric=metric, mode=mode), _trial_schema())
+    kind = records[0].model_kind if records else None
+    write_parquet(out_dir / TRIALS_FILE, trial_rows(records, metric=metric, mode=mode), _trial_schema(kind))
     write_parquet(out_dir / EPOCHS_FILE, epoch_rows(records), _epoch_schema())
 
     chosen = choose_best(records, metric=metric, mode=mode)
@@ -185,12 +187,12 @@ def write_outputs(
     return best
 
 
-def _trial_schema() -> Any:
+def _trial_schema(kind: str | None = None) -> Any:
     import pyarrow as pa
 
     types = {"int": pa.int64(), "float": pa.float64(), "choice": pa.string()}
     fields = [("trial_id", pa.string()), ("status", pa.string()), ("error", pa.string())]
-    fields += [(name, types[hp.kind]) for name, hp in HYPERPARAMETERS.items()]
+    fields += [(name, types[HYPERPARAMETERS[name].kind]) for name in hyperparameter_names(kind)]
     fields += [("epochs_run", pa.int64())]
     fields += [(f"last_{m}", pa.float64()) for m in EPOCH_METRICS]
     fields += [(f"best_{m}", pa.float64()) for m in EPOCH_METRICS]

@@ -205,7 +205,10 @@ def _init_ray(address: str | None) -> bool:
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     try:
         if address is None:
-            ray.init(include_dashboard=False, **kwargs)
+            # Ray starts idle worker processes for the first driver's tasks; Tune's trials run in
+            # actors, which get workers of their own, so on a small machine those only steal CPU
+            # from the set-up.
+            ray.init(include_dashboard=False, _system_config={"prestart_worker_first_driver": False}, **kwargs)
         else:
             ray.init(address=address, **kwargs)
     except Exception as e:
@@ -258,8 +261,6 @@ def _fit(job: JobSpec, *, place: Place, address: str | None, resume: bool, t_sta
                     f"{job.resources.cpu:g}", f"{gpu:g}")
         t_fit = time.time()
         logger.debug("%.1f s: fit starts", t_fit - t_start)
-        # The test score at the end needs torch in the driver: import it while the trials run.
-        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
         with _sigterm_stops_gracefully():
             tuner.fit()
         logger.debug("%.1f s: fit done", time.time() - t_start)
@@ -445,6 +446,8 @@ def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_
     search_dir = place.local
     _fetch_newer_log(place)
     records = records_from_log(search_dir, experiment=place.experiment)
+    for rec in records:
+        rec.model_kind = job.model.kind
     metric, mode = job.search.metric, job.search.mode
     budget = job.search.time_budget_s
     budget_hit = bool(budget) and fit_s >= budget * 0.98

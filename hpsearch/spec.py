@@ -89,9 +89,15 @@ MODEL_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
 }
 
 
-def resolve_hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Every hyperparameter a trial uses: the sampled ones, defaults for the rest."""
-    resolved = {name: config.get(name, hp.default) for name, hp in HYPERPARAMETERS.items()}
+def hyperparameter_names(kind: str | None = None) -> list[str]:
+    """The hyperparameters a model kind uses (all of them when ``kind`` is None)."""
+    return [name for name in HYPERPARAMETERS if kind is None or kind in MODEL_HYPERPARAMETERS.get(name, (kind,))]
+
+
+def resolve_hyperparameters(config: Mapping[str, Any], kind: str | None = None) -> dict[str, Any]:
+    """Every hyperparameter a trial uses: the sampled ones, defaults for the rest (only those of
+    model ``kind`` when given: what a user reads in best.yaml and trials.parquet)."""
+    resolved = {name: config.get(name, HYPERPARAMETERS[name].default) for name in hyperparameter_names(kind)}
     # Optuna's float steps carry binary noise (0.30000000000000004); 12 digits say what was meant.
     return {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in resolved.items()}
 

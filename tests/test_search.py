@@ -12,7 +12,7 @@ from conftest import small_job, write_cifar10, write_idx, write_image_folder, wr
 from mlflow.tracking import MlflowClient
 
 from hpsearch.cli import cli
-from hpsearch.spec import HYPERPARAMETERS, load_job
+from hpsearch.spec import hyperparameter_names, load_job
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,8 @@ def test_digits_search_writes_every_output(ray_runtime, tmp_path: Path) -> None:
 
     trials = pq.read_table(out / "trials.parquet").to_pylist()
     assert len(trials) == 4
-    assert set(HYPERPARAMETERS) <= set(trials[0])  # every hyperparameter, defaults included
+    assert set(hyperparameter_names("mlp")) <= set(trials[0])  # every hyperparameter it used, defaults included
+    assert "conv_blocks" not in trials[0]  # ...and none the MLP does not use
     assert {t["status"] for t in trials} <= {"completed", "stopped early"}
     assert all(t["epochs_run"] >= 1 and 0 <= t["best_val_accuracy"] <= 1 for t in trials)
 
@@ -43,7 +44,7 @@ def test_digits_search_writes_every_output(ray_runtime, tmp_path: Path) -> None:
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["trial_id"] in {t["trial_id"] for t in trials}
     assert best["validation"]["val_accuracy"] == max(t["best_val_accuracy"] for t in trials)
-    assert 0.5 < best["test_accuracy"] <= 1 and set(best["hyperparameters"]) == set(HYPERPARAMETERS)
+    assert 0.5 < best["test_accuracy"] <= 1 and set(best["hyperparameters"]) == set(hyperparameter_names("mlp"))
     assert (out / "best_model.pt").is_file()
     assert load_job(out / "job.yaml").to_dict() == load_job(tmp_path / "job.yaml").to_dict()  # resolved
 
@@ -104,12 +105,13 @@ def test_diverged_trial_is_recorded_and_never_best(ray_runtime, tmp_path: Path) 
 
 
 def _assert_every_output(tmp_path: Path, out: Path, *, trials: int) -> dict:
+    kind = load_job(out / "job.yaml").model.kind
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert len(rows) == trials and all(r["status"] in ("completed", "stopped early") for r in rows)
     epochs = pq.read_table(out / "epochs.parquet").to_pylist()
     assert len(epochs) == sum(r["epochs_run"] for r in rows)
     best = yaml.safe_load((out / "best.yaml").read_text())
-    assert 0 <= best["test_accuracy"] <= 1 and set(best["hyperparameters"]) == set(HYPERPARAMETERS)
+    assert 0 <= best["test_accuracy"] <= 1 and set(best["hyperparameters"]) == set(hyperparameter_names(kind))
     assert (out / "best_model.pt").is_file() and (out / "job.yaml").is_file()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
