@@ -149,6 +149,23 @@ class SearchCallback(tune.Callback):
                 self.tracker.trial_ended(trial.trial_id, "interrupted")
 
 
+class ImportTorchWhenTrialsRun(tune.Callback):
+    """The driver needs torch at the end (the test score): import it once the first trial has
+    reported, in a thread. Earlier, it would compete with the trials' workers importing theirs;
+    at the end, it would add its seconds to the search's."""
+
+    def __init__(self) -> None:
+        self._started = False
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if not self._started:
+            import importlib
+            import threading
+
+            self._started = True
+            threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
+
+
 def _last_result(trial: Any) -> dict[str, Any] | None:
     last = getattr(trial, "last_result", None) or {}
     return last if "epoch" in last else None

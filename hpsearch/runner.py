@@ -11,7 +11,6 @@ the top: ``hpsearch --help`` and ``hpsearch validate`` stay instant.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -423,7 +422,7 @@ def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bo
         run_config=tune.RunConfig(
             name=job.name,
             storage_path=job.storage if place.remote_uri else str(search_dir.parent),
-            callbacks=[callback],
+            callbacks=[callback, raytune.ImportTorchWhenTrialsRun()],
             stop=limit,
             failure_config=tune.FailureConfig(max_failures=job.search.max_failures),
             # Keep the best checkpoints (for the test score) and, always, the latest (for resume).
