@@ -206,3 +206,47 @@ def test_time_budget_ends_the_search_cleanly(ray_runtime, tmp_path: Path) -> Non
     assert 1 <= len(trials) < 20
     assert {t["status"] for t in trials} <= {"completed", "stopped early", "not run"}
     assert any(t["status"] == "stopped early" for t in trials)
+
+
+def test_tracking_to_an_mlflow_server(ray_runtime, tmp_path: Path) -> None:
+    # What a team runs on a cluster: one MLflow server (here on 127.0.0.1, a SQLite backend);
+    # the driver is its only client.
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    server = subprocess.Popen(
+        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        job = small_job(tmp_path, tracking={"uri": uri}, search={"num_samples": 2})
+        result, out = _run(tmp_path, job)
+        assert result.exit_code == 0, result.output
+        assert f"MLflow:   {uri}" in result.output
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+        assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # a parent and two trials
+        assert not (tmp_path / "mlflow.db").exists()
+    finally:
+        import os
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
+        server.wait(timeout=30)
