@@ -53,7 +53,7 @@ def make_optimizer(model: torch.nn.Module, device: torch.device, *, tuned: bool)
         from hpsearch.models import build_optimizer
 
         hp = {"learning_rate": 1e-3, "weight_decay": 0.0, "optimizer": "Adam", "momentum": 0.0}
-        return build_optimizer(model.parameters(), hp, device=device)
+        return build_optimizer(model, hp, device=device)
     return torch.optim.Adam(model.parameters(), lr=1e-3)  # the tutorial's
 
 

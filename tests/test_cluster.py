@@ -246,3 +246,25 @@ echo "rc=$?"
     assert len(pq.read_table(tmp_path / "runs" / "digits-mlp" / "trials.parquet")) == 3
     assert (tmp_path / "runs" / "digits-mlp" / "best.yaml").is_file()
     assert failing == "2" and "no mnist IDX files" in out and ": FAILED" in out
+
+
+def test_submit_refuses_bad_input_before_contacting_a_cluster(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from hpsearch.cli import cli
+
+    def submit(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(cli, ["submit", *args])
+        assert "Traceback" not in result.output
+        return result.exit_code, result.output
+
+    job = REPO / "jobs" / "digits.yaml"
+    code, out = submit(str(job), "--address", "127.0.0.1:8265", "--working-dir", str(REPO))
+    assert code == 2 and "--address 127.0.0.1:8265: give the job server's URL, e.g. http://HEAD:8265" in out
+    code, out = submit(str(job), "--address", "http://127.0.0.1:8265", "--working-dir", str(tmp_path))
+    assert code == 2 and "is outside the working directory" in out
+    code, out = submit(str(job), "--address", "http://127.0.0.1:8265", "--set", "search.num_samples=0",
+                       "--working-dir", str(REPO))
+    assert code == 2 and "search.num_samples: must be an integer >= 1" in out  # checked here, not on the cluster
+    code, out = submit(str(job), "--address", "http://127.0.0.1:9", "--working-dir", str(REPO))
+    assert code == 2 and "--address http://127.0.0.1:9: cannot reach a Ray job server there" in out
