@@ -47,6 +47,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     hpsearch validate jobs/mnist.yaml     check a job file, start nothing
     hpsearch run jobs/digits.yaml         run a search on the embedded local Ray
     hpsearch best hpsearch_runs/digits-mlp
+    hpsearch submit jobs/mnist.yaml --address http://HEAD:8265 --follow   on a Ray cluster
     """
     ctx.meta["hpsearch.debug"] = debug
     _setup_logging(debug)
