@@ -221,20 +221,23 @@ def test_tracking_to_an_mlflow_server(ray_runtime, tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed with the server)
     server = subprocess.Popen(
         [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 240  # a fresh store's migrations take a while on a busy machine
         while True:
             try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                no_proxy.open(f"{uri}/health", timeout=2)
                 break
             except OSError:
-                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                assert time.time() < deadline and server.poll() is None, (
+                    "mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
                 time.sleep(0.5)
         job = small_job(tmp_path, tracking={"uri": uri}, search={"num_samples": 2})
         result, out = _run(tmp_path, job)
@@ -250,3 +253,4 @@ def test_tracking_to_an_mlflow_server(ray_runtime, tmp_path: Path) -> None:
 
         os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
         server.wait(timeout=30)
+        log.close()
