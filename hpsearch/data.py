@@ -19,6 +19,7 @@ MNIST and Fashion-MNIST come as the four IDX files (``.gz`` or not). They are lo
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import os
@@ -166,12 +167,16 @@ def to_device(split: Split, data: Dataset, device: torch.device) -> tuple[torch.
 
 def normalize(x: torch.Tensor, data: Dataset) -> torch.Tensor:
     """uint8 (N, C, H, W) images → float32 ``(x/scale - mean) / std`` per channel."""
+    mean, std = _channel_tensors(data.mean, data.std, str(x.device))
+    return x.float().mul_(1.0 / data.scale).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=8)
+def _channel_tensors(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tuple[Any, Any]:
+    # Once per data set and device: a streamed data set normalises every batch with these.
     import torch
 
-    x = x.float()
-    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
-    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
-    return x.mul_(1.0 / data.scale).sub_(mean).div_(std)
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,25 +225,9 @@ def _find_idx_files(spec: DataSpec) -> dict[str, Path]:
 
 
 def _download(spec: DataSpec, root: Path) -> None:
-    cls_name = _IDX_SETS[spec.dataset][0]
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"data.root: cannot create {root} to download {spec.dataset} into: {e}") from None
-    import torchvision
-
-    logger.info("downloading %s into %s", spec.dataset, root)
     names = ", ".join(f"{stem}.gz" for stem in _IDX_FILES.values())
-    try:
-        for train in (True, False):
-            getattr(torchvision.datasets, cls_name)(str(root), train=train, download=True)
-    except Exception as e:  # torchvision raises RuntimeError/URLError/OSError; all mean "no files"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
-            f"data.download: could not download {spec.dataset} ({reason}). Without network access, "
-            f"put the four files ({names}) into {root} (or point data.root at a folder that holds them) "
-            "and set data.download: false"
-        ) from None
+    _download_with(spec, root, _IDX_SETS[spec.dataset][0],
+                   f"put the four files ({names}) into {root} (or point data.root at a folder that holds them)")
 
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -339,6 +328,8 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _download_with(spec: DataSpec, root: Path, cls_name: str, where: str) -> None:
+    """Download a torchvision data set (``cls_name``, both splits) into ``root``; ``where`` tells
+    users without network access where the files go instead."""
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -347,8 +338,9 @@ def _download_with(spec: DataSpec, root: Path, cls_name: str, where: str) -> Non
 
     logger.info("downloading %s into %s", spec.dataset, root)
     try:
-        getattr(torchvision.datasets, cls_name)(str(root), train=True, download=True)
-    except Exception as e:
+        for train in (True, False):
+            getattr(torchvision.datasets, cls_name)(str(root), train=train, download=True)
+    except Exception as e:  # torchvision raises RuntimeError/URLError/OSError; all mean "no files"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"data.download: could not download {spec.dataset} ({reason}). Without network access, "
                         f"{where} and set data.download: false") from None

@@ -170,10 +170,10 @@ class ResNet18Transfer(nn.Module):
 def build_optimizer(model: nn.Module, hp: Mapping[str, Any], *, device: torch.device) -> torch.optim.Optimizer:
     """Adam, AdamW or SGD (with momentum) with weight decay, as in torch; only trainable parameters."""
     lr, wd = float(hp["learning_rate"]), float(hp["weight_decay"])
-    if isinstance(model, nn.Sequential) and isinstance(model[-1], ResNet18Transfer):
-        model = model[-1]
-    if isinstance(model, ResNet18Transfer):
-        params: Any = model.param_groups(lr, float(hp["backbone_lr_factor"]))
+    # A model with a backbone (ResNet-18, also behind a Resize) gives its own learning-rate groups.
+    backbone = next((m for m in model.modules() if isinstance(m, ResNet18Transfer)), None)
+    if backbone is not None:
+        params: Any = backbone.param_groups(lr, float(hp["backbone_lr_factor"]))
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     # Fused kernels update every parameter in one pass: measured ~15% faster per epoch than the

@@ -56,6 +56,7 @@ class SearchCallback(tune.Callback):
                  limit: FailedTrialsLimit, upload_to: str | None = None) -> None:
         self.log_path = log_path
         self.upload_to = upload_to  # a URI storage's <storage>/<name>: the log is copied there as trials end
+        self._remote: Any = None
         self.metric = metric
         self.num_samples = num_samples
         self.tracker = tracker
@@ -134,7 +135,9 @@ class SearchCallback(tune.Callback):
         from hpsearch.storage import Remote
 
         try:
-            Remote(self.upload_to).upload(Path(self.log_path), Path(self.log_path).name)
+            if self._remote is None:  # made here, not in __init__: Tune pickles its callbacks
+                self._remote = Remote(self.upload_to)
+            self._remote.upload(Path(self.log_path), Path(self.log_path).name)
         except Exception as e:  # the search goes on; the upload at the end tries again
             logger.warning("could not upload the trial log to %s: %s", self.upload_to, e)
 

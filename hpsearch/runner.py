@@ -11,6 +11,7 @@ the top: ``hpsearch --help`` and ``hpsearch validate`` stay instant.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import Any, Iterator
 
 from hpsearch import results
 from hpsearch.errors import SearchError, StorageError
-from hpsearch.spec import JobSpec, load_job
+from hpsearch.spec import FixedParam, JobSpec, load_job
 
 logger = logging.getLogger(__name__)
 
@@ -85,40 +86,34 @@ def resume_search(location: str | os.PathLike[str], *, address: str | None = Non
 
     ``location``: the search's folder (``<storage>/<name>``), or its URI for a URI storage.
     """
+    from dataclasses import replace
+
     from hpsearch import storage
 
     t_start = time.time()
     if storage.is_uri(str(location)):
-        uri = str(location).rstrip("/")
-        remote = storage.Remote(uri)
-        if not remote.exists(results.JOB_FILE):
-            raise SearchError(f"{uri}: not a search (no {results.JOB_FILE}); give <storage>/<name>")
-        search_dir = storage.mirror_dir(uri)
+        where = str(location).rstrip("/")
+        remote = storage.Remote(where)
+        search_dir = storage.mirror_dir(where)
+        # What the driver needs of the search: its job, its trial log, its MLflow run ids.
         for name in (results.JOB_FILE, results.TRIAL_LOG, STATE_FILE):
             if remote.exists(name):
                 remote.download(name, search_dir / name)
-        job = load_job(search_dir / results.JOB_FILE)
-        from dataclasses import replace
-
-        storage_uri, _, name = uri.rpartition("/")
-        job = replace(job, storage=storage_uri, name=name)
-        if not remote.exists("tuner.pkl"):
-            raise SearchError(f"{uri}: Ray Tune never started this search, so there is nothing to resume; "
-                              "run it again with `hpsearch run`")
-        return _fit(job, place=Place.of(job), address=address, resume=True, t_start=t_start, trial_fn=trial_fn)
-
-    search_dir = Path(location).expanduser().resolve()
+        started = remote.exists("tuner.pkl")
+        storage_at, _, name = where.rpartition("/")
+    else:
+        search_dir = Path(location).expanduser().resolve()
+        where, started = str(search_dir), (search_dir / "tuner.pkl").exists()
+        storage_at, name = str(search_dir.parent), search_dir.name
     job_file = search_dir / results.JOB_FILE
     if not job_file.is_file():
-        raise SearchError(f"{search_dir}: not a search folder (no {results.JOB_FILE}); give <storage>/<name>")
+        raise SearchError(f"{where}: not a search folder (no {results.JOB_FILE}); give <storage>/<name>")
     job = load_job(job_file)
-    if storage.is_uri(job.storage) or job.storage_dir() != search_dir:
-        # The folder was moved (or is a mirror): point storage at where it is now.
-        from dataclasses import replace
-
-        job = replace(job, storage=str(search_dir.parent), name=search_dir.name)
-    if not (search_dir / "tuner.pkl").exists():
-        raise SearchError(f"{search_dir}: Ray Tune never started this search, so there is nothing to resume; "
+    if job.experiment_location() != where:
+        # The search was moved (or this is a URI search's local mirror): it continues where it is.
+        job = replace(job, storage=storage_at, name=name)
+    if not started:
+        raise SearchError(f"{where}: Ray Tune never started this search, so there is nothing to resume; "
                           "run it again with `hpsearch run`")
     return _fit(job, place=Place.of(job), address=address, resume=True, t_start=t_start, trial_fn=trial_fn)
 
@@ -142,7 +137,7 @@ class Place:
         uri = job.experiment_location() if storage.is_uri(job.storage) else None
         return Place(job.storage_dir(), job.experiment_location(), uri)
 
-    @property
+    @functools.cached_property
     def remote(self) -> Any:
         from hpsearch import storage
 
@@ -444,9 +439,7 @@ def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_
 
     search_dir = place.local
     _fetch_newer_log(place)
-    records = records_from_log(search_dir, experiment=place.experiment)
-    for rec in records:
-        rec.model_kind = job.model.kind
+    records = records_from_log(search_dir, experiment=place.experiment, model_kind=job.model.kind)
     metric, mode = job.search.metric, job.search.mode
     budget = job.search.time_budget_s
     budget_hit = bool(budget) and fit_s >= budget * 0.98
@@ -502,7 +495,7 @@ def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_
         search_dir=search_dir, location=place.experiment, best=best, counts=counts, top=results.top_trials(rows, metric=metric, mode=mode),
         wall_s=time.time() - t_start, tracking_uri=tracker.uri if tracker else None,
         parent_run_id=tracker.parent_run_id if tracker else None, stopped=stopped, note=note,
-        columns=[name for name, p in job.space if type(p).__name__ != "FixedParam"],
+        columns=[name for name, p in job.space if not isinstance(p, FixedParam)],
     )
 
 
@@ -520,7 +513,8 @@ def _fetch_newer_log(place: Place) -> None:
         os.replace(tmp, local)
 
 
-def records_from_log(search_dir: Path, *, experiment: str | None = None) -> list[results.TrialRecord]:
+def records_from_log(search_dir: Path, *, experiment: str | None = None,
+                     model_kind: str | None = None) -> list[results.TrialRecord]:
     """Fold our trial log into one record per trial (epochs de-duplicated across retries/resumes).
 
     Left out: orphans, trials a killed driver started that Tune did not know after its restore
@@ -535,7 +529,7 @@ def records_from_log(search_dir: Path, *, experiment: str | None = None) -> list
     for e in raytune.read_events(search_dir / results.TRIAL_LOG):
         tid = e.get("trial_id")
         if e["event"] == "start":
-            rec = by_id.setdefault(tid, results.TrialRecord(trial_id=tid, config=e["config"]))
+            rec = by_id.setdefault(tid, results.TrialRecord(trial_id=tid, config=e["config"], model_kind=model_kind))
             rec.error, rec.ended = None, False  # a resumed trial starts its outcome over
         elif e["event"] == "trials":
             known = set(e["ids"])

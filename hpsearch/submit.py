@@ -90,28 +90,28 @@ def submit(job_file: Path, *, address: str, overrides: tuple[str, ...] = (), wor
 
 def follow(submission: Submission, *, echo: Callable[[str], None], poll_s: float = 1.0) -> tuple[str, int]:
     """Stream the job's logs until it ends; returns its status and the exit code to end with."""
+    import asyncio
+
     client = _client(submission.address)
-    seen = 0
-    status = "PENDING"
-    # Poll the logs (one HTTP call each) rather than the websocket tail: it survives proxies that
-    # drop websockets and a head that restarts the dashboard, and costs a second of latency.
-    while True:
-        try:
-            logs = client.get_job_logs(submission.submission_id)
-            status = str(client.get_job_status(submission.submission_id).value)
-        except Exception as e:
-            raise SearchError(f"--address {submission.address}: lost the job server while following "
-                              f"{submission.submission_id}: {_first_line(e)}; the search may still be running "
-                              f"(ray job status {submission.submission_id})") from None
-        if len(logs) > seen:
-            echo(logs[seen:].rstrip("\n"))
-            seen = len(logs)
-        if status in JOB_EXIT:
-            break
-        time.sleep(poll_s)
+    sid = submission.submission_id
+
+    async def tail() -> None:
+        # Ray's own tail: only the new lines, as they come, until the job ends.
+        async for lines in client.tail_job_logs(sid):
+            echo(lines.rstrip("\n"))
+
+    try:
+        asyncio.run(tail())
+        status = str(client.get_job_status(sid).value)
+        while status not in JOB_EXIT:  # the log can close a moment before the status is final
+            time.sleep(poll_s)
+            status = str(client.get_job_status(sid).value)
+        info = client.get_job_info(sid)
+    except Exception as e:
+        raise SearchError(f"--address {submission.address}: lost the job server while following {sid}: "
+                          f"{_first_line(e)}; the search may still be running (ray job status {sid})") from None
     code = JOB_EXIT[status]
     if status == "FAILED":
-        info = client.get_job_info(submission.submission_id)
         driver_code = getattr(info, "driver_exit_code", None)
         code = driver_code if isinstance(driver_code, int) and driver_code > 0 else 1
     return status, code

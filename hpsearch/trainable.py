@@ -66,14 +66,9 @@ def train(
     torch.manual_seed(seed)
     batch_size, epochs = int(hp["batch_size"]), int(hp["epochs"])
 
-    # -- data: onto the device once (and once per worker: Tune reuses it for the next trials) --
-    source = BatchSource(data, device, channels_last=_channels_last(model_spec, data, device))
-
-    # -- model and optimizer ------------------------------------------------------------------
-    model = build_model(model_spec, hp, input_shape=data.input_shape, num_classes=data.num_classes,
-                        pretrained=None if state is not None else pretrained).to(device)
-    if source.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # -- model, and the data as batches (resident data: onto the device once per worker) -------
+    model, source = _model_and_batches(model_spec, hp, data, device,
+                                       pretrained=None if state is not None else pretrained)
     optimizer = build_optimizer(model, hp, device=device)
     start_epoch = 0
     if state is not None:
@@ -106,9 +101,16 @@ def train(
     return metrics
 
 
-def _channels_last(model_spec: ModelSpec, data: Dataset, device: torch.device) -> bool:
+def _model_and_batches(model_spec: ModelSpec, hp: Mapping[str, Any], data: Dataset, device: torch.device, *,
+                       pretrained: Mapping[str, Any] | None = None) -> tuple[nn.Module, BatchSource]:
+    """The model on ``device`` and the source of its batches, in one memory layout."""
+    model = build_model(model_spec, hp, input_shape=data.input_shape, num_classes=data.num_classes,
+                        pretrained=pretrained).to(device)
     # Convolutions on the CPU are markedly faster channels-last; CUDA picks its own layouts well.
-    return model_spec.kind != "mlp" and device.type == "cpu" and len(data.input_shape) == 3
+    channels_last = model_spec.kind != "mlp" and device.type == "cpu" and len(data.input_shape) == 3
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, BatchSource(data, device, channels_last=channels_last)
 
 
 class BatchSource:
@@ -130,9 +132,7 @@ class BatchSource:
             _, _, x, y = resident(self.data, self.device, channels_last=self.channels_last)
             return in_batches(x, y, batch_size=eval_batch(self.data))
         if split.x is not None:
-            x, y = to_device(split, self.data, self.device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = _on_device(split, self.data, self.device, self.channels_last)
             return in_batches(x, y, batch_size=eval_batch(self.data))
         return self._stream(split, 256, shuffle=False, seed=0)
 
@@ -169,13 +169,14 @@ def resident(data: Dataset, device: torch.device, *, channels_last: bool = False
     key = (data.name, data.train.x.shape, data.val.x.shape, data.mean, data.std, str(device), channels_last)
     if key not in _RESIDENT:
         _RESIDENT.clear()  # one data set at a time per process
-        x_train, y_train = to_device(data.train, data, device)
-        x_val, y_val = to_device(data.val, data, device)
-        if channels_last:
-            x_train = x_train.contiguous(memory_format=torch.channels_last)
-            x_val = x_val.contiguous(memory_format=torch.channels_last)
-        _RESIDENT[key] = (x_train, y_train, x_val, y_val)
+        _RESIDENT[key] = (*_on_device(data.train, data, device, channels_last),
+                          *_on_device(data.val, data, device, channels_last))
     return _RESIDENT[key]
+
+
+def _on_device(split: Split, data: Dataset, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, ...]:
+    x, y = to_device(split, data, device)
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
 
 
 def shuffled_batches(x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
@@ -207,8 +208,9 @@ def train_epoch(
     model.train()
     total: torch.Tensor | None = None
     steps = 0
+    augmenting = augment is not None and bool(augment.crop_padding or augment.horizontal_flip)
     for x, y in batches:
-        if augment is not None and (augment.crop_padding or augment.horizontal_flip):
+        if augmenting:
             x = augment_batch(x, augment, generator)
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -270,9 +272,6 @@ def score_test_set(
     assert data.test is not None, "test_accuracy needs the driver's data, with its test split"
     device = torch.device(device)
     hp = resolve_hyperparameters(config)
-    model = build_model(model_spec, hp, input_shape=data.input_shape, num_classes=data.num_classes).to(device)
+    model, source = _model_and_batches(model_spec, hp, data, device)
     model.load_state_dict(state["model"])
-    source = BatchSource(data, device, channels_last=_channels_last(model_spec, data, device))
-    if source.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     return evaluate(model, source.eval_batches(data.test))[1]

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
 from hpsearch.spec import ModelSpec
@@ -54,8 +55,6 @@ def run_trial(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, seed:
         state = _latest_checkpoint_in(f"{search_dir.rstrip('/')}/{trial_dirname(trial_id)}") if search_dir else None
 
     # Which node ran each epoch: on a cluster, where a trial moved after a node was lost.
-    import ray
-
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict[str, Any], to_save: dict[str, Any] | None) -> None:
