@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -135,12 +136,28 @@ def load(spec: DataSpec, *, seed: int) -> Dataset:
 
 
 def channel_stats(x: np.ndarray, scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation of (N, C, H, W) images, on the [0, 1] scale."""
+    """Per-channel mean and standard deviation of (N, C, H, W) images, on the [0, 1] scale.
+
+    uint8 images (all but digits) are counted into a 256-bin histogram per channel, and the exact
+    moments come from it: 0.06 s for Fashion-MNIST where a float64 pass took 2.9 s, on the path
+    to the first trial.
+    """
     mean, std = [], []
     for c in range(x.shape[1]):
-        pixels = x[:, c].astype(np.float64) / scale  # one channel at a time: bounded memory
-        mean.append(float(pixels.mean()))
-        std.append(float(pixels.std()) or 1.0)
+        if x.dtype == np.uint8:
+            # In chunks: bincount widens its input to int64, and one 8x copy of the whole set
+            # costs more in fresh pages (~1 s) than the counting itself.
+            flat = np.ascontiguousarray(x[:, c]).reshape(-1)
+            counts = sum((np.bincount(flat[i:i + 2**20], minlength=256) for i in range(0, len(flat), 2**20)),
+                         np.zeros(256, np.int64)).astype(np.float64)
+            values = np.arange(256, dtype=np.float64) / scale
+            m = float(counts @ values / counts.sum())
+            var = float(counts @ (values - m) ** 2 / counts.sum())
+        else:
+            pixels = x[:, c].astype(np.float64) / scale  # one channel at a time: bounded memory
+            m, var = float(pixels.mean()), float(pixels.var())
+        mean.append(m)
+        std.append(math.sqrt(var) or 1.0)
     return tuple(mean), tuple(std)
 
 

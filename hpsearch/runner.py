@@ -170,11 +170,11 @@ def _check_writable(folder: Path) -> None:
                            "set storage to a folder you can write") from None
 
 
-def _init_ray(address: str | None) -> bool:
-    """Start embedded Ray on loopback, or connect to ``address``. Returns True if we started it."""
+def _import_ray(address: str | None) -> None:
+    """Set Ray's environment (read once, at its import) and import it. Idempotent."""
     if address is None:
-        # Read once, when ray is first imported: keep an embedded Ray on 127.0.0.1 only, so a search
-        # on a laptop opens no port to its network (Ray otherwise binds the routable address).
+        # Keep an embedded Ray on 127.0.0.1 only, so a search on a laptop opens no port to its
+        # network (Ray otherwise binds the routable address).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Our callback keeps the record we need; Tune's CSV/JSON/TensorBoard loggers are overhead.
@@ -182,7 +182,7 @@ def _init_ray(address: str | None) -> bool:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Checkpoint retention forces an experiment snapshot every few epochs; that is expected here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import ray
+    import ray  # noqa: F401
 
     # Quiet the libraries' set-up chatter; our own log says what happens.
     # Tune's ResultGrid looks for the result.json files we do not write (our trial log replaces them).
@@ -190,9 +190,21 @@ def _init_ray(address: str | None) -> bool:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _import_search_modules() -> None:
+    """Tune, Optuna and our modules that use them: imported while Ray starts (seconds of imports)."""
     import optuna
 
+    from hpsearch import raytune, space, trial  # noqa: F401
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _init_ray(address: str | None) -> bool:
+    """Start embedded Ray on loopback, or connect to ``address``. Returns True if we started it."""
+    _import_ray(address)
+    import ray
 
     if ray.is_initialized():
         return False
@@ -220,27 +232,33 @@ def _fit(job: JobSpec, *, place: Place, address: str | None, resume: bool, t_sta
     tracker = _tracker(job, search_dir)
     new_parent = tracker is not None and tracker.parent_run_id is None
     started_ray = False
-    # The three set-up costs overlap: the data set is read and MLflow's store is opened in threads
-    # (file I/O and imports) while Ray starts its processes. Any failure among them stops the
-    # search before a trial runs, and what was set up is undone.
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hpsearch-setup") as pool:
+    # The set-up costs overlap: the data set is read, MLflow's store opened and Tune imported in
+    # threads while Ray starts its processes. Ray is imported first and alone (imports hold the
+    # GIL), so that its processes start as early as they can; the other imports then run while
+    # ray.init mostly waits for them. Any failure among them stops the search before a trial
+    # runs, and what was set up is undone.
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="hpsearch-setup") as pool:
         data_f = pool.submit(_load_data, job)
-        track_f = pool.submit(_start_tracking, tracker, job, place) if new_parent else None
+        track_f = tune_f = None
         try:
+            _import_ray(address)
+            track_f = pool.submit(_start_tracking, tracker, job, place) if new_parent else None
+            tune_f = pool.submit(_import_search_modules)
             started_ray = _init_ray(address)
             logger.debug("%.1f s: Ray ready", time.time() - t_start)
 
             if address is not None and place.remote_uri is None:
                 _check_shared_storage(search_dir)
+            tune_f.result()
             dataset, pretrained = data_f.result()
             logger.debug("%.1f s: data ready", time.time() - t_start)
             if track_f is not None:
                 track_f.result()
                 logger.debug("%.1f s: MLflow ready", time.time() - t_start)
-            tuner, gpu = _tuner(job, place=place, dataset=dataset, tracker=tracker, resume=resume,
-                                trial_fn=trial_fn, pretrained=pretrained)
+            tuner, gpu, at_once = _tuner(job, place=place, dataset=dataset, tracker=tracker, resume=resume,
+                                         local=address is None, trial_fn=trial_fn, pretrained=pretrained)
         except BaseException:
-            for f in (data_f, track_f):
+            for f in (data_f, track_f, tune_f):
                 if f is not None:
                     f.cancel()
             # exception() waits for a parent run still being created, so it is never left behind.
@@ -250,9 +268,9 @@ def _fit(job: JobSpec, *, place: Place, address: str | None, resume: bool, t_sta
                 _shutdown_ray()
             raise
     try:
-        logger.info("search %s: %d trials, %s sampler, %s scheduler, %s cpu + %s gpu per trial",
+        logger.info("search %s: %d trials, %s sampler, %s scheduler, %s cpu + %s gpu per trial%s",
                     job.name, job.search.num_samples, job.search.searcher.sampler, job.search.scheduler.name,
-                    f"{job.resources.cpu:g}", f"{gpu:g}")
+                    f"{job.resources.cpu:g}", f"{gpu:g}", f", {at_once} at a time" if at_once else "")
         t_fit = time.time()
         logger.debug("%.1f s: fit starts", t_fit - t_start)
         with _sigterm_stops_gracefully():
@@ -265,7 +283,9 @@ def _fit(job: JobSpec, *, place: Place, address: str | None, resume: bool, t_sta
             if started_ray:
                 _shutdown_ray()
                 started_ray = False
+                logger.debug("%.1f s: Ray shut down", time.time() - t_start)
             result = summary.result()
+            logger.debug("%.1f s: outputs written", time.time() - t_start)
         result.wall_s = time.time() - t_start
         return result
     finally:
@@ -363,9 +383,13 @@ def _sigterm_stops_gracefully() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bool,
-           trial_fn: Any = None, pretrained: Any = None) -> tuple[Any, float]:
-    """A new Tuner for the job, or the restored one of its place; and the GPUs per trial."""
+def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bool, local: bool = False,
+           trial_fn: Any = None, pretrained: Any = None) -> tuple[Any, float, int | None]:
+    """A new Tuner for the job, or the restored one of its place; the GPUs per trial; and how many
+    trials run at once, if that is fixed (None: as many as the cluster's resources allow, as it grows).
+
+    ``local``: Ray runs on this machine only (no ``--address``), so its resources are all there will be.
+    """
     search_dir = place.local
     import ray
     from ray import tune
@@ -388,7 +412,7 @@ def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bo
     if resume:
         tuner = tune.Tuner.restore(place.experiment, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
-        return tuner, gpu
+        return tuner, gpu, None
 
     metric, mode = job.search.metric, job.search.mode
     searcher = raytune.HonestOptunaSearch(space=space.define_by_run(job), metric=metric, mode=mode,
@@ -399,6 +423,13 @@ def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bo
                                   grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
     else:
         scheduler = FIFOScheduler()
+    concurrency = job.search.max_concurrent_trials
+    if concurrency is None and local:
+        # With a searcher, Tune asks it for one trial at a time and only once the last one's actor
+        # runs: the slots fill one actor start (seconds) after another. A machine that cannot grow
+        # runs exactly its slots' worth at once, so asking for that many keeps every suggestion
+        # fresh and starts the first trials together (their actors start in parallel).
+        concurrency = trial_slots(ray.cluster_resources(), cpu=job.resources.cpu, gpu=gpu)
     limit = raytune.FailedTrialsLimit(job.search.max_failed_trials)
     callback = raytune.SearchCallback(log_path=str(search_dir / results.TRIAL_LOG), metric=metric,
                                       upload_to=place.remote_uri,
@@ -409,7 +440,7 @@ def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bo
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=job.search.num_samples,
-            max_concurrent_trials=job.search.max_concurrent_trials,
+            max_concurrent_trials=concurrency,
             time_budget_s=job.search.time_budget_s,
             trial_dirname_creator=trial.trial_dirname,
             reuse_actors=True,  # measured: 16 one-second trials, 47 s with fresh actors, 8 s reused
@@ -427,7 +458,16 @@ def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bo
             verbose=0,
         ),
     )
-    return tuner, gpu
+    return tuner, gpu, concurrency
+
+
+def trial_slots(resources: dict[str, float], *, cpu: float, gpu: float) -> int:
+    """How many trials of ``cpu`` CPUs and ``gpu`` GPUs the ``resources`` hold at once (at least 1)."""
+    fits = [resources.get("CPU", 0.0) / cpu] if cpu > 0 else []
+    if gpu > 0:
+        fits.append(resources.get("GPU", 0.0) / gpu)
+    # The small tolerance keeps 1 / 0.25 GPUs at 4 despite floating point.
+    return max(1, int(min(fits) + 1e-6)) if fits else 1
 
 
 def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_start: float,

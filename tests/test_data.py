@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import write_cifar10, write_idx, write_image_folder
 
-from hpsearch.data import load
+from hpsearch.data import channel_stats, load
 from hpsearch.errors import DataError
 from hpsearch.spec import DataSpec
 
@@ -121,3 +121,17 @@ def test_cifar10_batches_load(tmp_path: Path) -> None:
     assert ds.classes[0] == "airplane" and ds.num_classes == 10
     with pytest.raises(DataError, match="cifar-10-batches-py"):
         load(DataSpec(dataset="cifar10", root=str(tmp_path / "none"), download=False), seed=0)
+
+
+def test_channel_stats_of_uint8_images_match_numpy() -> None:
+    # The histogram path for uint8 images must give numpy's own per-channel mean and std.
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (500, 3, 8, 8), dtype=np.uint8)
+    x[:, 1] //= 4  # channels with different statistics
+    mean, std = channel_stats(x, 255.0)
+    as_float = x.astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, as_float.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std, as_float.std(axis=(0, 2, 3)), rtol=1e-10)
+    # A constant channel has std 1, not 0 (normalising divides by it).
+    assert channel_stats(np.full((4, 1, 2, 2), 7, dtype=np.uint8), 255.0)[1] == (1.0,)
+    assert channel_stats(np.full((4, 1, 2, 2), 7.0), 16.0)[1] == (1.0,)

@@ -12,6 +12,7 @@ from conftest import small_job, write_cifar10, write_idx, write_image_folder, wr
 from mlflow.tracking import MlflowClient
 
 from hpsearch.cli import cli
+from hpsearch.runner import trial_slots
 from hpsearch.spec import hyperparameter_names, load_job
 
 pytestmark = pytest.mark.slow
@@ -23,12 +24,25 @@ def _run(tmp_path: Path, job: dict, *args: str):
     return result, tmp_path / "runs" / job["name"]
 
 
+@pytest.mark.parametrize(("resources", "cpu", "gpu", "slots"), [
+    ({"CPU": 2.0}, 1, 0, 2),
+    ({"CPU": 16.0, "GPU": 1.0}, 1, 0.25, 4),  # the GPU decides: four trials per GPU
+    ({"CPU": 16.0, "GPU": 8.0}, 1, 0.25, 16),  # the CPUs decide
+    ({"CPU": 16.0, "GPU": 0.7}, 1, 0.1, 7),  # 0.7 / 0.1 is 6.999... in floating point: still 7
+    ({"CPU": 1.0}, 4, 0, 1),  # too small for even one: Tune reports that, the limit stays 1
+])
+def test_trial_slots(resources: dict, cpu: float, gpu: float, slots: int) -> None:
+    assert trial_slots(resources, cpu=cpu, gpu=gpu) == slots
+
+
 def test_digits_search_writes_every_output(ray_runtime, tmp_path: Path) -> None:
     job = small_job(tmp_path, search={"num_samples": 4,
                                       "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}})
     result, out = _run(tmp_path, job)
     assert result.exit_code == 0, result.output
     assert "[4/4] trial" in result.output and "best: trial" in result.output
+    # The test runtime has 2 CPUs: both 1-CPU trial slots are asked for at once, not one by one.
+    assert "1 cpu + 0 gpu per trial, 2 at a time" in result.output
 
     trials = pq.read_table(out / "trials.parquet").to_pylist()
     assert len(trials) == 4
