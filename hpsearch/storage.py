@@ -19,6 +19,7 @@ from typing import Any
 from hpsearch.errors import StorageError
 
 MIRROR_ROOT = "~/.cache/hpsearch/searches"
+CHECKPOINT_COMPLETE = "metrics.json"  # what a trial writes last into each checkpoint (hpsearch.trial)
 
 
 def is_uri(storage: str) -> bool:
@@ -101,6 +102,51 @@ def checkpoint_folders(trial_location: str) -> list[str]:
     names = sorted(i.base_name for i in infos
                    if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     return [f"{trial_location.rstrip('/')}/{name}" for name in names]
+
+
+def restore_missing_checkpoints(experiment: str) -> list[str]:
+    """Put back the checkpoints Tune's last experiment snapshot names but the trials have deleted.
+
+    Tune snapshots the experiment every ~10 s, while each trial keeps only its best two and its
+    latest checkpoint. After a hard kill (SIGKILL, a lost machine) the last snapshot can name a
+    checkpoint deleted since; Tune's restore then fails that trial, and its retry too. Each such
+    checkpoint is copied back from the trial's newest one: the trial continues from its newest
+    state (it reads its epoch from the checkpoint), as it would have. Returns what was put back.
+
+    The snapshot is Tune's JSON with pickled parts in hex; only the paths in it are read.
+    """
+    import re
+
+    import pyarrow.fs as pafs
+
+    fs, base = _fs_for(experiment)
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    snapshots = sorted(i.base_name for i in infos
+                       if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json"))
+    if not snapshots:
+        return []
+    raw = read_file(f"{experiment.rstrip('/')}/{snapshots[-1]}")
+    text = raw
+    for blob in re.findall(rb"[0-9a-f]{64,}", raw):
+        try:
+            text += bytes.fromhex(blob[:len(blob) // 2 * 2].decode())
+        except ValueError:
+            pass
+    restored = []
+    for trial, name in sorted(set(re.findall(rb"(trial_[0-9a-f]+)/(checkpoint_\d{6})", text))):
+        trial_location = f"{experiment.rstrip('/')}/{trial.decode()}"
+        target = f"{trial_location}/{name.decode()}"
+        existing = checkpoint_folders(trial_location)
+        # The newest whole one: a kill can cut a checkpoint's copy short (its metrics go in last).
+        whole = [c for c in existing if fs.get_file_info(_fs_for(f"{c}/{CHECKPOINT_COMPLETE}")[1]).is_file]
+        if not whole or target in existing:
+            continue
+        _, source = _fs_for(whole[-1])
+        _, destination = _fs_for(target)
+        fs.create_dir(destination)
+        pafs.copy_files(source, destination, source_filesystem=fs, destination_filesystem=fs)
+        restored.append(target)
+    return restored
 
 
 def read_file(location: str) -> bytes:

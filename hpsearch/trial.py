@@ -15,9 +15,10 @@ import ray
 from ray import tune
 
 from hpsearch.spec import ModelSpec
+from hpsearch.storage import CHECKPOINT_COMPLETE
 
 STATE_FILE = "state.pt"  # model + optimizer + epoch, in each checkpoint folder
-CHECKPOINT_METRICS = "metrics.json"  # the epoch's metrics, beside it (to pick the best checkpoint)
+CHECKPOINT_METRICS = CHECKPOINT_COMPLETE  # the epoch's metrics, written last (to pick the best checkpoint)
 
 
 # --------------------------------------------------------------------------------------------

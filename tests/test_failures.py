@@ -228,3 +228,35 @@ def test_sigterm_stops_gracefully(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130 and "hpsearch resume" in output, output
     assert (out / "trials.parquet").exists()
+
+
+def test_checkpoints_named_by_a_stale_snapshot_are_put_back(ray_runtime, tmp_path: Path) -> None:
+    # After a hard kill, Tune restores each trial from its last experiment snapshot (every ~10 s);
+    # a checkpoint it names may have been deleted since (a trial keeps its best two and its latest),
+    # and Tune then fails that trial on resume (seen in CI). Such checkpoints are put back from the
+    # trial's newest whole one. Checked here on a real Tune experiment folder.
+    import re
+    import shutil
+
+    from hpsearch import storage
+
+    job = small_job(tmp_path, search={"num_samples": 1, "scheduler": {"name": "fifo"}}, tracking={"enabled": False})
+    job["space"]["epochs"] = 6
+    runner.run_search(validate(job))
+    out = tmp_path / "runs" / "t"
+    trial_dir = next(out.glob("trial_*"))
+    kept = sorted(p.name for p in trial_dir.glob("checkpoint_*"))
+    assert len(kept) >= 2
+    snapshot = sorted(out.glob("experiment_state-*.json"))[-1].read_text()
+    assert "checkpoint_" in snapshot or re.search(r"[0-9a-f]{64,}", snapshot)  # Tune's format: paths or pickles
+    assert storage.restore_missing_checkpoints(str(out)) == []  # nothing missing, nothing done
+
+    # The snapshot names the kept checkpoints; remove the oldest. A newer copy cut short by the kill
+    # (no metrics.json, which a trial writes last) must not be the one copied back.
+    victim, newest = trial_dir / kept[0], trial_dir / kept[-1]
+    shutil.rmtree(victim)
+    (trial_dir / "checkpoint_000099").mkdir()
+    (trial_dir / "checkpoint_000099" / "state.pt").write_bytes(b"cut short")
+    assert storage.restore_missing_checkpoints(str(out)) == [str(victim)]
+    assert (victim / "state.pt").read_bytes() == (newest / "state.pt").read_bytes()
+    assert storage.restore_missing_checkpoints(f"file://{out}") == []  # through a URI too; done once
