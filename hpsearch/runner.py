@@ -115,10 +115,14 @@ def resume_search(location: str | os.PathLike[str], *, address: str | None = Non
     if not started:
         raise SearchError(f"{where}: Ray Tune never started this search, so there is nothing to resume; "
                           "run it again with `hpsearch run`")
-    restored = storage.restore_missing_checkpoints(where)
-    if restored:
-        logger.info("put back %d checkpoint(s) that Tune's last snapshot names but the trials had deleted "
-                    "since (they continue from their newest)", len(restored))
+    try:
+        restored = storage.restore_missing_checkpoints(where)
+    except Exception as e:  # a repair, not a precondition: Tune's own restore says what is wrong
+        logger.warning("could not check the checkpoints Tune's last snapshot names: %s", e)
+    else:
+        if restored:
+            logger.info("put back %d checkpoint(s) that Tune's last snapshot names but the trials had deleted "
+                        "since (they continue from their newest)", len(restored))
     return _fit(job, place=Place.of(job), address=address, resume=True, t_start=t_start, trial_fn=trial_fn)
 
 
