@@ -137,9 +137,11 @@ def restore_missing_checkpoints(experiment: str) -> list[str]:
         trial_location = f"{experiment.rstrip('/')}/{trial.decode()}"
         target = f"{trial_location}/{name.decode()}"
         existing = checkpoint_folders(trial_location)
+        if target in existing:
+            continue
         # The newest whole one: a kill can cut a checkpoint's copy short (its metrics go in last).
         whole = [c for c in existing if fs.get_file_info(_fs_for(f"{c}/{CHECKPOINT_COMPLETE}")[1]).is_file]
-        if not whole or target in existing:
+        if not whole:
             continue
         _, source = _fs_for(whole[-1])
         _, destination = _fs_for(target)
