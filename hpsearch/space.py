@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hpsearch.spec import CategoricalParam, FixedParam, FloatParam, IntParam, JobSpec, Param, grid_values
+from hpsearch.spec import (
+    ENQUEUE_DEFAULTS,
+    HYPERPARAMETERS,
+    CategoricalParam,
+    FixedParam,
+    FloatParam,
+    IntParam,
+    JobSpec,
+    Param,
+    grid_values,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -45,6 +55,58 @@ class DefineByRun:
         return fixed
 
 
+def enqueued_points(job: JobSpec) -> list[dict[str, Any]]:
+    """The trials the search starts with (``search.enqueue``), before its sampler's own."""
+    enqueue = job.search.enqueue
+    if enqueue == ENQUEUE_DEFAULTS:
+        point = default_point(job)
+        return [point] if point else []
+    if isinstance(enqueue, str):  # "none"
+        return []
+    return [dict(point) for point in enqueue]
+
+
+def default_point(job: JobSpec) -> dict[str, Any]:
+    """The training function's defaults for the searched hyperparameters, each moved to the
+    nearest value its range allows (a default outside the space is no trial of the search)."""
+    point: dict[str, Any] = {}
+    searched = [(name, p) for name, p in DefineByRun(job.space).space if not isinstance(p, FixedParam)]
+    fixed = {name: p.value for name, p in job.space if isinstance(p, FixedParam)}
+    for name, p in searched:
+        if name == "momentum" and point.get("optimizer", fixed.get("optimizer", "Adam")) != "SGD":
+            continue  # conditional: not sampled unless the optimizer is SGD
+        point[name] = nearest(p, HYPERPARAMETERS[name].default)
+    return point
+
+
+def nearest(param: Param, value: Any) -> Any:
+    """The value of ``param``'s space closest to ``value`` (its first choice if it has no order)."""
+    if isinstance(param, FixedParam):
+        return param.value
+    if isinstance(param, CategoricalParam):
+        same = [c for c in param.choices if c == value and type(c) is type(value)]
+        if same:
+            return same[0]
+        numbers = [c for c in param.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        if numbers and isinstance(value, (int, float)):
+            return min(numbers, key=lambda c: abs(c - value))
+        return param.choices[0]
+    v = min(max(value, param.low), param.high)
+    if param.step is not None and not param.log:
+        k = round((v - param.low) / param.step)
+        k = min(k, int(round((param.high - param.low) / param.step)))
+        v = param.low + k * param.step
+    if isinstance(param, IntParam):
+        return int(round(v))
+    return round(float(v), 12)
+
+
+def startup_trials(num_samples: int) -> int:
+    """TPE's random start-up trials: Optuna's 10, fewer for short searches (at least 4), so a
+    12-trial search is not 10 random trials and 2 guided ones."""
+    return max(4, min(10, num_samples // 4))
+
+
 def make_sampler(job: JobSpec) -> optuna.samplers.BaseSampler:
     """The Optuna sampler the job names, seeded from the job's seed."""
     import optuna
@@ -52,7 +114,15 @@ def make_sampler(job: JobSpec) -> optuna.samplers.BaseSampler:
     seed = job.seed
     name = job.search.searcher.sampler
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        # Multivariate TPE (Optuna 5's default) models the hyperparameters jointly; group=True
+        # splits the conditional space (momentum exists only for SGD) into its sub-spaces; the
+        # constant liar keeps parallel trials from being suggested the same point.
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # group=True
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(job.search.num_samples),
+                                              multivariate=True, group=True, constant_liar=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":

@@ -93,6 +93,18 @@ BAD_JOBS = {
     "stream on digits": ({"data": {"dataset": "digits", "loader": "stream"}}, "data.loader", "image_folder only"),
     "augment typo": ({"data": {"dataset": "digits", "augment": {"flip": True}}}, "data.augment.flip",
                      "horizontal_flip"),
+    "enqueue typo": ({"search": {"enqueue": [{"learnin_rate": 0.01}]}}, "search.enqueue[0].learnin_rate",
+                     "did you mean 'learning_rate'"),
+    "enqueue outside the range": ({"search": {"enqueue": [{"learning_rate": 0.5}]}},
+                                  "search.enqueue[0].learning_rate", "from 0.001 to 0.03"),
+    "enqueue off the step": ({"search": {"enqueue": [{"neurons_per_layer": 20}]}},
+                             "search.enqueue[0].neurons_per_layer", "in steps of 16"),
+    "enqueue a fixed value": ({"search": {"enqueue": [{"epochs": 5}]}}, "search.enqueue[0].epochs", "is fixed"),
+    "enqueue more than num_samples": ({"search": {"num_samples": 1, "enqueue": [{}, {}]}}, "search.enqueue",
+                                      "num_samples is 1"),
+    "enqueue not a list": ({"search": {"enqueue": 5}}, "search.enqueue", "defaults, none, or a list"),
+    "final seeds negative": ({"search": {"final": {"seeds": -1}}}, "search.final.seeds", "0 to 100"),
+    "final typo": ({"search": {"final": {"seed": 2}}}, "search.final.seed", "did you mean 'seeds'"),
 }
 
 
