@@ -147,11 +147,14 @@ def write_outputs(
     metric: str,
     mode: str,
     test_score: Callable[[str, dict[str, Any]], tuple[float, Any]] | None = None,
+    final: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Write the Parquet tables and ``best.yaml``; returns the best summary (None if no trial ran).
 
     ``test_score(checkpoint_dir, config)`` returns (test accuracy, model state) for the best
-    trial's checkpoint; the state is saved as ``best_model.pt``.
+    trial's checkpoint; the state is saved as ``best_model.pt``. ``final``: the best
+    configuration's retraining on train + validation (seeds, each one's test accuracy, mean, std),
+    kept in ``best.yaml`` as ``retrained`` when it is of the best trial.
     """
     kind = records[0].model_kind if records else None
     write_parquet(out_dir / TRIALS_FILE, trial_rows(records, metric=metric, mode=mode), _trial_schema(kind))
@@ -183,6 +186,8 @@ def write_outputs(
                 import torch
 
                 _atomic(out_dir / MODEL_FILE, lambda f: torch.save(state, f), binary=True)
+    if final and final.get("trial_id") == record.trial_id:
+        best["retrained"] = dict(final)
     write_yaml(out_dir / BEST_FILE, best)
     return best
 

@@ -284,10 +284,16 @@ def _fit(job: JobSpec, *, place: Place, address: str | None, resume: bool, t_sta
         with _sigterm_stops_gracefully():
             tuner.fit()
         logger.debug("%.1f s: fit done", time.time() - t_start)
+        records, stopped, note = _fold_log(job, place=place, fit_s=time.time() - t_fit)
+        final = None
+        if stopped is None:  # a finished search gets its final score (an interrupted one on resume)
+            final = _retrain_best(job, records, place=place, dataset=dataset, gpu=gpu, pretrained=pretrained,
+                                  slots=at_once or trial_slots(_cluster_resources(), cpu=job.resources.cpu, gpu=gpu))
         # The outputs need no Ray: write them while Ray shuts down (seconds, on a small machine).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpsearch-results") as pool:
             summary = pool.submit(_write_results, job, place=place, dataset=dataset, tracker=tracker,
-                                  t_start=t_start, fit_s=time.time() - t_fit, gpu=gpu)
+                                  t_start=t_start, records=records, stopped=stopped, note=note, final=final,
+                                  gpu=gpu)
             if started_ray:
                 _shutdown_ray()
                 started_ray = False
@@ -424,7 +430,8 @@ def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bo
 
     metric, mode = job.search.metric, job.search.mode
     searcher = raytune.HonestOptunaSearch(space=space.define_by_run(job), metric=metric, mode=mode,
-                                          sampler=space.make_sampler(job))
+                                          sampler=space.make_sampler(job),
+                                          points_to_evaluate=space.enqueued_points(job) or None)
     sched = job.search.scheduler
     if sched.name == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=job.max_t,
@@ -469,6 +476,12 @@ def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bo
     return tuner, gpu, concurrency
 
 
+def _cluster_resources() -> dict[str, float]:
+    import ray
+
+    return ray.cluster_resources()
+
+
 def trial_slots(resources: dict[str, float], *, cpu: float, gpu: float) -> int:
     """How many trials of ``cpu`` CPUs and ``gpu`` GPUs the ``resources`` hold at once (at least 1)."""
     fits = [resources.get("CPU", 0.0) / cpu] if cpu > 0 else []
@@ -478,17 +491,12 @@ def trial_slots(resources: dict[str, float], *, cpu: float, gpu: float) -> int:
     return max(1, int(min(fits) + 1e-6)) if fits else 1
 
 
-def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_start: float,
-                   fit_s: float, gpu: float) -> SearchSummary:
-    import io
-
-    from hpsearch import storage
-    from hpsearch.trial import STATE_FILE as CHECKPOINT_STATE
-
+def _fold_log(job: JobSpec, *, place: Place, fit_s: float) -> tuple[list[results.TrialRecord], str | None, str | None]:
+    """The trials' records after ``fit()``, why the search stopped early (None: it finished) and a
+    note for users (how the time budget ended it)."""
     search_dir = place.local
     _fetch_newer_log(place)
     records = records_from_log(search_dir, experiment=place.experiment, model_kind=job.model.kind)
-    metric, mode = job.search.metric, job.search.mode
     budget = job.search.time_budget_s
     budget_hit = bool(budget) and fit_s >= budget * 0.98
     if budget_hit:
@@ -502,6 +510,105 @@ def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_
                 raytune.append_event(search_dir / results.TRIAL_LOG,
                                      {"event": "end", "trial_id": rec.trial_id, "status": rec.status,
                                       "error": None, "reason": "time budget"})
+    statuses = [r.status for r in records]
+    failed = statuses.count("failed")
+    stopped = note = None
+    if job.search.max_failed_trials is not None and failed >= job.search.max_failed_trials:
+        stopped = (f"{failed} trials failed (search.max_failed_trials: {job.search.max_failed_trials}); "
+                   f"their errors are in {results.TRIALS_FILE}")
+    elif "interrupted" in statuses or (len(records) < job.search.num_samples and not budget_hit):
+        stopped = f"interrupted; continue with: hpsearch resume {place.experiment}"
+    if budget_hit:
+        note = f"the time budget ({budget:g} s) ended the search after {len(records)} of {job.search.num_samples} trials"
+    return records, stopped, note
+
+
+def _retrain_best(job: JobSpec, records: list[results.TrialRecord], *, place: Place, dataset: Any, gpu: float,
+                  slots: int, pretrained: Any = None) -> dict[str, Any] | None:
+    """The honest final score (``search.final``): the best configuration retrained from scratch on
+    train + validation for its best epoch count, once per seed, in parallel on the trial slots,
+    each scored once on the test set. None when off or when there is no best trial.
+
+    A finished search resumed again keeps the retraining it already has (same trial, epoch, seeds).
+    """
+    from hpsearch import plan
+
+    metric, mode = job.search.metric, job.search.mode
+    chosen = results.choose_best(records, metric=metric, mode=mode)
+    wanted = job.search.final.seeds
+    if chosen is None or wanted <= 0:
+        return None
+    record, epoch = chosen
+    epochs = int(epoch["epoch"])
+    times = sorted(float(e["epoch_time_s"]) for e in record.epochs if results._finite(e.get("epoch_time_s")))
+    growth = (len(dataset.train) + len(dataset.val)) / max(1, len(dataset.train))
+    seeds_n, estimate = plan.final_seeds_that_fit(wanted, epoch_s=times[len(times) // 2] if times else None,
+                                                  epochs=epochs, growth=growth, slots=slots,
+                                                  budget_s=job.search.time_budget_s)
+    seeds = [job.seed + 1000 + i for i in range(seeds_n)]
+    previous = _previous_final(place.local)
+    if previous and previous.get("trial_id") == record.trial_id and previous.get("epochs") == epochs \
+            and previous.get("seeds") == seeds:
+        logger.info("final: kept the retraining of trial %s from before", record.trial_id)
+        return previous
+    note = f" (fewer than search.final.seeds: {wanted}, to stay within {plan.FINAL_SHARE_OF_BUDGET:.0%} of the " \
+           "time budget)" if seeds_n < wanted else ""
+    logger.info("final: retraining trial %s's configuration on train + validation for %d epochs, %d seed%s%s%s",
+                record.trial_id, epochs, seeds_n, "" if seeds_n == 1 else "s",
+                f", about {estimate:.0f} s" if estimate else "", note)
+    t0 = time.time()
+    import ray
+
+    from hpsearch import trial
+
+    task = ray.remote(trial.retrain_task).options(num_cpus=job.resources.cpu, num_gpus=gpu, max_retries=1)
+    data_ref = ray.put(dataset)
+    refs = [task.remote(record.config, data=data_ref, model_spec=job.model, epochs=epochs, seed=seed,
+                        cpus=job.resources.cpu, gpus=gpu, pretrained=pretrained) for seed in seeds]
+    try:
+        accuracies = [round(float(a), 6) for a in ray.get(refs)]
+    except KeyboardInterrupt:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        logger.warning("final: retraining interrupted; best.yaml has the search checkpoint's test score only")
+        return None
+    except Exception as e:  # the search's results stand without it
+        logger.warning("final: retraining failed (%s); best.yaml has the search checkpoint's test score only",
+                       str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        return None
+    final = {"trial_id": record.trial_id, "epochs": epochs, "train_samples": len(dataset.train) + len(dataset.val),
+             "seeds": seeds, "test_accuracy": accuracies, **plan.summary_of(accuracies),
+             "time_s": round(time.time() - t0, 1)}
+    logger.info("final: retrained test accuracy %s ± %s over %d seed%s (%.0f s)", _fmt4(final["mean"]),
+                _fmt4(final["std"]), seeds_n, "" if seeds_n == 1 else "s", final["time_s"])
+    return final
+
+
+def _fmt4(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _previous_final(search_dir: Path) -> dict[str, Any] | None:
+    import yaml
+
+    path = search_dir / results.BEST_FILE
+    try:
+        best = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    return (best or {}).get("retrained") or None
+
+
+def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_start: float,
+                   records: list[results.TrialRecord], stopped: str | None, note: str | None,
+                   final: dict[str, Any] | None, gpu: float) -> SearchSummary:
+    import io
+
+    from hpsearch import storage
+    from hpsearch.trial import STATE_FILE as CHECKPOINT_STATE
+
+    search_dir = place.local
+    metric, mode = job.search.metric, job.search.mode
 
     def test_score(checkpoint_dir: str, config: dict[str, Any]) -> tuple[float, Any]:
         import torch
@@ -513,23 +620,12 @@ def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_
         device = "cuda" if gpu > 0 and torch.cuda.is_available() else "cpu"
         return score_test_set(state, config, data=dataset, model_spec=job.model, device=device), state["model"]
 
-    best = results.write_outputs(search_dir, records, metric=metric, mode=mode, test_score=test_score)
+    best = results.write_outputs(search_dir, records, metric=metric, mode=mode, test_score=test_score, final=final)
     results.write_yaml(search_dir / results.JOB_FILE, job.to_dict())
     rows = results.trial_rows(records, metric=metric, mode=mode)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
-
-    stopped = None
-    failed = counts.get("failed", 0)
-    if job.search.max_failed_trials is not None and failed >= job.search.max_failed_trials:
-        stopped = (f"{failed} trials failed (search.max_failed_trials: {job.search.max_failed_trials}); "
-                   f"their errors are in {results.TRIALS_FILE}")
-    elif counts.get("interrupted", 0) or (len(records) < job.search.num_samples and not budget_hit):
-        stopped = f"interrupted; continue with: hpsearch resume {place.experiment}"
-    note = None
-    if budget_hit:
-        note = f"the time budget ({budget:g} s) ended the search after {len(records)} of {job.search.num_samples} trials"
 
     if tracker is not None:
         # One child run per trial of the search, with our status; orphans and duplicates closed.

@@ -215,6 +215,17 @@ class Tracker:
                        if isinstance(v, (int, float)) and math.isfinite(v)]
             if best.get("test_accuracy") is not None:
                 metrics.append(Metric("test_accuracy", float(best["test_accuracy"]), now, 0))
+            final = best.get("retrained") or {}
+            for key in ("mean", "std"):
+                if isinstance(final.get(key), (int, float)):
+                    metrics.append(Metric(f"retrained_test_accuracy_{key}", float(final[key]), now, 0))
+            # Every seed's score, one step each (MLflow's chart of the metric shows their spread).
+            for step, value in enumerate(final.get("test_accuracy") or []):
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    metrics.append(Metric("retrained_test_accuracy", float(value), now, step))
+            if final:
+                params.append(Param("retrained.epochs", str(final.get("epochs"))))
+                params.append(Param("retrained.seeds", ",".join(map(str, final.get("seeds") or []))))
             self.client.log_batch(run_id, metrics=metrics, params=params)
             self.client.set_tag(run_id, "hpsearch.best_trial", best["trial_id"])
         for f in files:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -49,6 +50,8 @@ def train(
     num_threads: int | None = None,
     seed: int = 0,
     pretrained: Mapping[str, Any] | None = None,
+    validate_every_epoch: bool = True,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train one configuration, reporting after every epoch. Returns the last metrics reported.
 
@@ -57,6 +60,9 @@ def train(
     it before returning. A non-finite training loss ends the trial at
     once: the epoch is reported with ``diverged=True`` and NaN metrics, without a checkpoint.
     ``pretrained``: ResNet-18's starting weights (:func:`hpsearch.models.pretrained_weights`).
+    ``validate_every_epoch=False``: score ``data.val`` after the last epoch only (the others
+    report NaN validation metrics): the final retraining, whose ``val`` is the test set.
+    ``stop_after``: end after this epoch, the learning-rate schedule still that of ``epochs``.
     """
     # -- setup --------------------------------------------------------------------------------
     hp = resolve_hyperparameters(config)
@@ -65,6 +71,7 @@ def train(
         torch.set_num_threads(max(1, int(num_threads)))
     torch.manual_seed(seed)
     batch_size, epochs = int(hp["batch_size"]), int(hp["epochs"])
+    last_epoch = min(epochs, stop_after) if stop_after else epochs
 
     # -- model, and the data as batches (resident data: onto the device once per worker) -------
     model, source = _model_and_batches(model_spec, hp, data, device,
@@ -79,7 +86,7 @@ def train(
     # -- the loop -----------------------------------------------------------------------------
     metrics: dict[str, Any] = {}
     generator = torch.Generator(device=device)
-    for epoch in range(start_epoch + 1, epochs + 1):
+    for epoch in range(start_epoch + 1, last_epoch + 1):
         t0 = time.perf_counter()
         # Seeded per epoch, so a trial resumed from a checkpoint sees the batches (and dropout masks
         # and augmentations) it would have seen.
@@ -94,7 +101,10 @@ def train(
                        "diverged": True, "epoch_time_s": time.perf_counter() - t0}
             report(metrics, None)
             return metrics
-        val_loss, val_accuracy = evaluate(model, source.eval_batches(data.val))
+        if validate_every_epoch or epoch == last_epoch:
+            val_loss, val_accuracy = evaluate(model, source.eval_batches(data.val))
+        else:
+            val_loss = val_accuracy = float("nan")
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
                    "diverged": False, "epoch_time_s": time.perf_counter() - t0}
         report(metrics, {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
@@ -258,6 +268,43 @@ def evaluate(model: nn.Module, batches: Batches) -> tuple[float, float]:
     if n == 0:
         return float("nan"), float("nan")
     return float(loss_sum) / n, int(correct) / n
+
+
+def retrain(
+    config: Mapping[str, Any],
+    *,
+    data: Dataset,
+    model_spec: ModelSpec,
+    epochs: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    num_threads: int | None = None,
+    pretrained: Mapping[str, Any] | None = None,
+) -> float:
+    """The final score of a configuration: trained from scratch on train + validation with
+    ``seed`` up to ``epochs`` (the epoch the search picked; the learning-rate schedule is the
+    configuration's own, over its planned epochs), then scored once on the test set. NaN if it
+    diverged.
+
+    The search picked the configuration (and its epoch) on the validation split, so its own
+    checkpoint's validation accuracy is optimistic and its training saw 1 - val_fraction of the
+    data; this score is neither.
+    """
+    assert data.test is not None, "retraining needs the driver's data, with its test split"
+    final = replace(data, train=join_splits(data.train, data.val), val=data.test, test=None)
+    last = train(config, data=final, model_spec=model_spec, report=lambda m, s: None, device=device,
+                 num_threads=num_threads, seed=seed, pretrained=pretrained, validate_every_epoch=False,
+                 stop_after=int(epochs))
+    return float("nan") if last.get("diverged") else float(last["val_accuracy"])
+
+
+def join_splits(a: Split, b: Split) -> Split:
+    """Both splits' samples in one (training on train + validation)."""
+    import numpy as np
+
+    x = None if a.x is None or b.x is None else np.concatenate([a.x, b.x])
+    files = None if a.files is None or b.files is None else tuple(a.files) + tuple(b.files)
+    return Split(x, np.concatenate([a.y, b.y]), files)
 
 
 def score_test_set(

@@ -112,3 +112,15 @@ class TrialOutOfMemory(RuntimeError):
 def trial_dirname(trial: Any) -> str:
     """``trial_<id>``: Tune's default folder name spells out the whole config (and gets cut)."""
     return f"trial_{trial if isinstance(trial, str) else trial.trial_id}"
+
+
+def retrain_task(config: dict[str, Any], *, data: Any, model_spec: ModelSpec, epochs: int, seed: int,
+                 cpus: float, gpus: float, pretrained: Any = None) -> float:
+    """One retraining of the best configuration (a Ray task): its test accuracy."""
+    import torch
+
+    from hpsearch.trainable import retrain
+
+    device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    return retrain(config, data=data, model_spec=model_spec, epochs=epochs, seed=seed, device=device,
+                   num_threads=max(1, int(cpus)), pretrained=pretrained)
