@@ -13,7 +13,8 @@ space, the same seed and the same wall-clock budget for its trials (``search.tim
 - ``stock``: Ray Tune's stock ``OptunaSearch`` (TPE with Optuna's defaults) + ASHA: a trial that
   ASHA stopped is told to TPE as COMPLETE with its early value; no enqueued first trial.
 - ``hpsearch``: hpsearch's default search, as a job file gets it: TPE (multivariate, grouped,
-  constant liar, shorter start-up), stopped trials PRUNED, the defaults enqueued first, ASHA.
+  constant liar, shorter start-up), stopped trials PRUNED, the defaults enqueued first, ASHA with
+  one set of rungs per planned trial length.
 - ``grid``: a small grid (learning rate x layers x batch size, the rest at the defaults), FIFO.
 
 Every method's pick is then scored the same honest way: retrained on train + validation
@@ -63,6 +64,7 @@ GRID = {"learning_rate": {"type": "categorical", "choices": [3e-4, 1e-3, 3e-3]},
 STOCK_LAUNCHER = """
 import sys
 import optuna
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 import hpsearch.raytune, hpsearch.space
 
@@ -71,6 +73,7 @@ class StockOptunaSearch(OptunaSearch):
         super().__init__(**kwargs)  # no enqueued defaults
 
 hpsearch.raytune.HonestOptunaSearch = StockOptunaSearch
+hpsearch.raytune.ASHAByLength = ASHAScheduler  # one set of rungs for every trial
 hpsearch.space.make_sampler = lambda job: optuna.samplers.TPESampler(seed=job.seed)
 from hpsearch.cli import main
 sys.argv = ["hpsearch", *sys.argv[1:]]
@@ -264,7 +267,7 @@ def plot(runs: list[dict], methods: list[str], path: Path, title: str) -> None:
             with warnings.catch_warnings():  # before a run's first result its curve is NaN
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean, sd = np.nanmean(ys, 0), np.nanstd(ys, 0)
-            (line,) = ax.plot(grid, mean, label=f"{m} ({len(rs)} seeds)")
+            (line,) = ax.plot(grid, mean, label=f"{m} ({len(rs)} seed{'' if len(rs) == 1 else 's'})")
             ax.fill_between(grid, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
     for ax, label in ((axes[0], "epochs consumed"), (axes[1], "seconds since the first trial started")):
         ax.set_xlabel(label)

@@ -287,8 +287,14 @@ def _fit(job: JobSpec, *, place: Place, address: str | None, resume: bool, t_sta
         records, stopped, note = _fold_log(job, place=place, fit_s=time.time() - t_fit)
         final = None
         if stopped is None:  # a finished search gets its final score (an interrupted one on resume)
-            final = _retrain_best(job, records, place=place, dataset=dataset, gpu=gpu, pretrained=pretrained,
-                                  slots=at_once or trial_slots(_cluster_resources(), cpu=job.resources.cpu, gpu=gpu))
+            try:
+                with _sigterm_interrupts():
+                    final = _retrain_best(job, records, place=place, dataset=dataset, gpu=gpu, pretrained=pretrained,
+                                          slots=at_once or trial_slots(_cluster_resources(), cpu=job.resources.cpu,
+                                                                       gpu=gpu))
+            except KeyboardInterrupt:  # the trials' outputs are still written; resume retrains
+                logger.warning("final: retraining interrupted")
+                stopped = f"interrupted during the final retraining; continue with: hpsearch resume {place.experiment}"
         # The outputs need no Ray: write them while Ray shuts down (seconds, on a small machine).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpsearch-results") as pool:
             summary = pool.submit(_write_results, job, place=place, dataset=dataset, tracker=tracker,
@@ -397,6 +403,23 @@ def _sigterm_stops_gracefully() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Outside ``fit()`` (the final retraining), SIGTERM stops like Ctrl-C: KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bool, local: bool = False,
            trial_fn: Any = None, pretrained: Any = None) -> tuple[Any, float, int | None]:
     """A new Tuner for the job, or the restored one of its place; the GPUs per trial; and how many
@@ -407,7 +430,7 @@ def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bo
     search_dir = place.local
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from hpsearch import raytune, space, trial
 
@@ -434,8 +457,8 @@ def _tuner(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, resume: bo
                                           points_to_evaluate=space.enqueued_points(job) or None)
     sched = job.search.scheduler
     if sched.name == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=job.max_t,
-                                  grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
+        scheduler = raytune.ASHAByLength(time_attr="epoch", metric=metric, mode=mode, max_t=job.max_t,
+                                         grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
     else:
         scheduler = FIFOScheduler()
     concurrency = job.search.max_concurrent_trials
@@ -570,8 +593,7 @@ def _retrain_best(job: JobSpec, records: list[results.TrialRecord], *, place: Pl
     except KeyboardInterrupt:
         for ref in refs:
             ray.cancel(ref, force=True)
-        logger.warning("final: retraining interrupted; best.yaml has the search checkpoint's test score only")
-        return None
+        raise
     except Exception as e:  # the search's results stand without it
         logger.warning("final: retraining failed (%s); best.yaml has the search checkpoint's test score only",
                        str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)

@@ -94,10 +94,10 @@ def nearest(param: Param, value: Any) -> Any:
     v = min(max(value, param.low), param.high)
     if param.step is not None and not param.log:
         k = round((v - param.low) / param.step)
-        k = min(k, int(round((param.high - param.low) / param.step)))
+        k = min(k, round((param.high - param.low) / param.step))
         v = param.low + k * param.step
     if isinstance(param, IntParam):
-        return int(round(v))
+        return round(v)
     return round(float(v), 12)
 
 

@@ -223,3 +223,42 @@ def test_final_seeds_zero_turns_the_retraining_off(ray_runtime, tmp_path: Path) 
     parent = next(r for r in client.search_runs([client.get_experiment_by_name("t").experiment_id])
                   if "mlflow.parentRunId" not in r.data.tags)
     assert "retrained_test_accuracy_mean" not in parent.data.metrics and "test_accuracy" in parent.data.metrics
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_final_retraining_keeps_the_search_and_resume_retrains(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    job = small_job(tmp_path, search={"num_samples": 2, "final": {"seeds": 2}})
+    job["space"].update(epochs=25, batch_size=8)  # a retraining of some seconds
+    path = write_job(tmp_path / "job.yaml", job)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "run", str(path)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("final: retraining"):
+                os.kill(proc.pid, signal.SIGTERM)
+                break
+        output = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = tmp_path / "runs" / "t"
+    assert proc.returncode == 130, output
+    assert "interrupted during the final retraining" in output and f"hpsearch resume {out}" in output
+    # Nothing of the search is lost: its trials are written; only the retraining is missing.
+    assert len(pq.read_table(out / "trials.parquet")) == 2
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert "retrained" not in best and best["test_accuracy"] > 0.5
+
+    resumed = subprocess.run([sys.executable, "-m", "hpsearch.cli", "resume", str(out)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert len(yaml.safe_load((out / "best.yaml").read_text())["retrained"]["test_accuracy"]) == 2
+    assert len(pq.read_table(out / "trials.parquet")) == 2  # no trial ran again
