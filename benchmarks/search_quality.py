@@ -1,6 +1,6 @@
 """How good is the search? Every method side by side on the same budget, several seeds each.
 
-    python benchmarks/search_quality.py [--budget-s 240] [--seeds 0 1 2] [--space seed|shipped]
+    python benchmarks/search_quality.py [--budget-s 180] [--seeds 0 1 2] [--space seed|shipped]
                                         [--methods defaults random stock hpsearch grid]
                                         [--train-size 60000] [--final-seeds 1] [--out DIR]
 
@@ -267,6 +267,7 @@ def plot(runs: list[dict], methods: list[str], path: Path, title: str) -> None:
             with warnings.catch_warnings():  # before a run's first result its curve is NaN
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean, sd = np.nanmean(ys, 0), np.nanstd(ys, 0)
+            sd[np.isnan(ys).any(0)] = np.nan  # a band only where every seed has a value
             (line,) = ax.plot(grid, mean, label=f"{m} ({len(rs)} seed{'' if len(rs) == 1 else 's'})")
             ax.fill_between(grid, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
     for ax, label in ((axes[0], "epochs consumed"), (axes[1], "seconds since the first trial started")):
@@ -283,7 +284,7 @@ def plot(runs: list[dict], methods: list[str], path: Path, title: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--budget-s", type=float, default=240, help="seconds of trials per search (default 240)")
+    ap.add_argument("--budget-s", type=float, default=180, help="seconds of trials per search (default 180)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--space", choices=("seed", "shipped"), default="seed")

@@ -108,7 +108,8 @@ def test_validate_prints_the_plan(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "trials: 64 (1 enqueued first: the defaults), 1 at a time on this machine (search.max_concurrent_trials)" \
         in result.output
-    assert "ASHA: trials compared at epochs 2, 6, 18; at each, one in 3 goes on (max_t 50)" in result.output
+    assert "ASHA: trials compared at epochs 2, 6, 18 (up to each trial's own epochs, with the trials that plan as " \
+        "many); at each, one in 3 goes on (max_t 50)" in result.output
     assert "final: the best configuration retrained 3 times" in result.output
     off = CliRunner().invoke(cli, ["validate", str(REPO / "jobs" / "mnist.yaml"), "--set", "search.final.seeds=0",
                                    "--set", "search.scheduler={name: fifo}"])
@@ -262,3 +263,33 @@ def test_sigterm_during_the_final_retraining_keeps_the_search_and_resume_retrain
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert len(yaml.safe_load((out / "best.yaml").read_text())["retrained"]["test_accuracy"]) == 2
     assert len(pq.read_table(out / "trials.parquet")) == 2  # no trial ran again
+
+
+def test_asha_compares_trials_of_the_same_planned_length_only() -> None:
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from hpsearch.raytune import ASHAByLength
+
+    def decisions(scheduler) -> list[str]:
+        # Two 10-epoch trials and one of 50 reach the rung at epoch 2; the long one is lowest
+        # there (its learning rate has hardly begun to fall).
+        trials = [Trial("__fake", config={"epochs": e}, stub=True, trial_id=f"t{i}")
+                  for i, e in enumerate((10, 10, 50))]
+        for t in trials:
+            scheduler.on_trial_add(None, t)
+        out = []
+        for t, value in zip(trials, (0.86, 0.87, 0.84)):
+            out.append(scheduler.on_trial_result(None, t, {"epoch": 2, "val_accuracy": value}))
+        return out
+
+    kwargs = {"time_attr": "epoch", "metric": "val_accuracy", "mode": "max", "max_t": 50, "grace_period": 2,
+              "reduction_factor": 3}
+    stop, go = TrialScheduler.STOP, TrialScheduler.CONTINUE
+    assert decisions(ASHAScheduler(**kwargs)) == [go, go, stop]  # one set of rungs: the long trial is cut
+    assert decisions(ASHAByLength(**kwargs)) == [go, go, go]  # the first of its length: it goes on
+    by_length = ASHAByLength(**kwargs)
+    decisions(by_length)
+    assert sorted(by_length._by_length) == [10, 50]
+    assert sorted(m for m, _ in by_length._by_length[10]._rungs) == [2, 6]
+    assert sorted(m for m, _ in by_length._by_length[50]._rungs) == [2, 6, 18]
