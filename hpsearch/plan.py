@@ -137,9 +137,10 @@ def final_seeds_that_fit(seeds: int, *, epoch_s: float | None, epochs: int, grow
 
 def summary_of(values: list[float]) -> dict[str, Any]:
     """Mean and (sample) standard deviation of the finite values."""
+    import statistics
+
     finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not finite:
         return {"mean": None, "std": None}
-    mean = sum(finite) / len(finite)
-    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
-    return {"mean": round(mean, 6), "std": round(std, 6)}
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": round(statistics.fmean(finite), 6), "std": round(std, 6)}

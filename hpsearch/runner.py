@@ -611,14 +611,13 @@ def _fmt4(v: Any) -> str:
 
 
 def _previous_final(search_dir: Path) -> dict[str, Any] | None:
+    """The retraining a finished search's ``best.yaml`` already holds, if any."""
     import yaml
 
-    path = search_dir / results.BEST_FILE
     try:
-        best = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
+        return (results.read_best(search_dir) or {}).get("retrained") or None
+    except (SearchError, OSError, yaml.YAMLError):
         return None
-    return (best or {}).get("retrained") or None
 
 
 def _write_results(job: JobSpec, *, place: Place, dataset: Any, tracker: Any, t_start: float,

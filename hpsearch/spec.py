@@ -750,8 +750,7 @@ def _param(p: _Problems, path: str, hp: Hyperparameter, spec: Any, *, sampler: s
     if log and step is not None and step != 1:
         p.add(path, "step and log cannot be combined (Optuna samples on a grid or on a log scale)")
     if step is not None and low <= high:
-        n = (high - low) / step
-        if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
+        if not whole_steps(high - low, step):
             p.add(f"{path}.step", f"high - low ({high} - {low}) must be a multiple of step ({step})")
     if sampler == "grid" and kind == "float" and step is None:
         p.add(path, "the grid sampler needs a step (or categorical choices) for a float range")
@@ -823,9 +822,14 @@ def in_space(param: Param, value: Any) -> bool:
     if isinstance(param, IntParam) and not float(value).is_integer():
         return False
     if param.step is not None and not param.log:
-        n = (value - param.low) / param.step
-        return abs(n - round(n)) <= 1e-9 * max(1.0, abs(n))
+        return whole_steps(value - param.low, param.step)
     return True
+
+
+def whole_steps(span: float, step: float) -> bool:
+    """Whether ``span`` is a whole number of ``step``s (up to float noise)."""
+    n = span / step
+    return abs(n - round(n)) <= 1e-9 * max(1.0, abs(n))
 
 
 def _describe(param: Param) -> str:
