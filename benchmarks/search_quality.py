@@ -66,14 +66,14 @@ import sys
 import optuna
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
-import hpsearch.raytune, hpsearch.space
+import hpsearch.space, hpsearch.tune.scheduler, hpsearch.tune.searcher
 
 class StockOptunaSearch(OptunaSearch):
     def __init__(self, *, points_to_evaluate=None, **kwargs):
         super().__init__(**kwargs)  # no enqueued defaults
 
-hpsearch.raytune.HonestOptunaSearch = StockOptunaSearch
-hpsearch.raytune.ASHAByLength = ASHAScheduler  # one set of rungs for every trial
+hpsearch.tune.searcher.HonestOptunaSearch = StockOptunaSearch
+hpsearch.tune.scheduler.ASHAByLength = ASHAScheduler  # one set of rungs for every trial
 hpsearch.space.make_sampler = lambda job: optuna.samplers.TPESampler(seed=job.seed)
 from hpsearch.cli import main
 sys.argv = ["hpsearch", *sys.argv[1:]]

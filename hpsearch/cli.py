@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from hpsearch import __version__
 from hpsearch.errors import HpsearchError
+
+if TYPE_CHECKING:
+    from hpsearch.search import SearchSummary
 
 EXIT_USER_ERROR = 2
 
@@ -78,9 +81,8 @@ def validate(job_file: Path, overrides: tuple[str, ...]) -> None:
     """
     import yaml
 
-    from hpsearch.spec import load_job
-
     from hpsearch import plan
+    from hpsearch.spec import load_job
 
     job = load_job(job_file, overrides)
     click.echo(f"{job_file}: ok")
@@ -102,8 +104,10 @@ def run(job_file: Path, overrides: tuple[str, ...], address: str | None) -> None
     """
     from hpsearch.spec import load_job
 
+    from hpsearch.search import run_search
+
     job = load_job(job_file, overrides)
-    _print_summary(_runner().run_search(job, address=address))
+    _print_summary(run_search(job, address=address))
 
 
 @cli.command()
@@ -116,7 +120,9 @@ def resume(search_dir: str, address: str | None) -> None:
 
     Example: hpsearch resume hpsearch_runs/mnist-mlp
     """
-    _print_summary(_runner().resume_search(search_dir, address=address))
+    from hpsearch.search import resume_search
+
+    _print_summary(resume_search(search_dir, address=address))
 
 
 @cli.command()
@@ -165,7 +171,7 @@ def best(search_dir: str) -> None:
 
     Example: hpsearch best hpsearch_runs/mnist-mlp
     """
-    from hpsearch.results import read_best
+    from hpsearch.record.outputs import read_best
 
     b = read_best(search_dir)
     click.echo(f"best trial {b['trial_id']} (epoch {b['epoch']}, {b['metric']} {b['validation'][b['metric']]:.4f}, "
@@ -178,17 +184,11 @@ def best(search_dir: str) -> None:
         click.echo(f"checkpoint: {b['checkpoint']}")
 
 
-def _runner() -> Any:
-    from hpsearch import runner
-
-    return runner
-
-
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _print_summary(s: Any) -> None:
+def _print_summary(s: SearchSummary) -> None:
     counts = ", ".join(f"{n} {status}" for status, n in sorted(s.counts.items()))
     click.echo("")
     click.echo(f"search finished in {s.wall_s:.0f} s: {counts or 'no trials ran'}")
@@ -216,7 +216,8 @@ def _print_summary(s: Any) -> None:
         click.secho(f"\nnote: {s.note}", fg="yellow")
     if s.stopped:
         click.secho(f"\nsearch stopped early: {s.stopped}", fg="yellow", err=True)
-        raise SystemExit(130 if s.stopped.startswith("interrupted") else 1)
+    if s.exit_code:
+        raise SystemExit(s.exit_code)
 
 
 def _retrained(final: dict[str, Any]) -> str:

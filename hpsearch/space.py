@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from hpsearch.hyperparameters import HYPERPARAMETERS
 from hpsearch.spec import (
     ENQUEUE_DEFAULTS,
-    HYPERPARAMETERS,
     CategoricalParam,
     FixedParam,
     FloatParam,

@@ -8,101 +8,30 @@ input silently and ASHA validates with ``assert``; nothing reaches them unchecke
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Union
 
 import yaml
 
 from hpsearch.errors import JobError
-
-# --------------------------------------------------------------------------------------------
-# Vocabulary. Declared once; the trainable, the space and the docs all read these.
-# --------------------------------------------------------------------------------------------
-
-DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10", "image_folder")
-MODEL_KINDS = ("mlp", "cnn", "resnet18")
-# torchvision's names for ResNet-18's weights (torchvision.models.ResNet18_Weights), or none.
-RESNET18_WEIGHTS = ("none", "IMAGENET1K_V1", "DEFAULT")
-LOADERS = ("memory", "stream")
-LR_SCHEDULES = ("constant", "cosine")
-OPTIMIZERS = ("Adam", "AdamW", "SGD")
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
-SCHEDULERS = ("asha", "fifo")
-METRICS = {"val_accuracy": "max", "val_loss": "min", "train_loss": "min"}
-
-
-@dataclass(frozen=True)
-class Hyperparameter:
-    """A name the training function knows, its kind, its default and the rule its values obey."""
-
-    kind: str  # "int" | "float" | "choice"
-    default: Any
-    rule: str  # shown to users
-    ok: Callable[[Any], bool]
-    choices: tuple[str, ...] = ()  # the values of a "choice" hyperparameter
-
-
-HYPERPARAMETERS: dict[str, Hyperparameter] = {
-    "num_hidden_layers": Hyperparameter("int", 2, "an integer >= 0", lambda v: v >= 0),
-    "neurons_per_layer": Hyperparameter("int", 128, "an integer >= 1", lambda v: v >= 1),
-    "epochs": Hyperparameter("int", 10, "an integer >= 1", lambda v: v >= 1),
-    "learning_rate": Hyperparameter("float", 1e-3, "a number > 0", lambda v: v > 0),
-    "dropout_rate": Hyperparameter("float", 0.2, "a number in [0, 1)", lambda v: 0 <= v < 1),
-    "batch_size": Hyperparameter("int", 64, "an integer >= 1", lambda v: v >= 1),
-    "optimizer": Hyperparameter(
-        "choice", "Adam", f"one of {', '.join(OPTIMIZERS)}", lambda v: v in OPTIMIZERS, OPTIMIZERS
-    ),
-    "weight_decay": Hyperparameter("float", 0.0, "a number >= 0", lambda v: v >= 0),
-    # SGD only (torch's default is 0); sampled only when the trial's optimizer is SGD.
-    "momentum": Hyperparameter("float", 0.0, "a number in [0, 1)", lambda v: 0 <= v < 1),
-    # cosine: the learning rate falls from learning_rate to ~0 over the trial's epochs (measured:
-    # the tutorial MLP on Fashion-MNIST, 20 epochs, 0.9013 validation accuracy against 0.8988
-    # constant; benchmarks/search_quality.py); constant keeps it.
-    "lr_schedule": Hyperparameter(
-        "choice", "cosine", f"one of {', '.join(LR_SCHEDULES)}", lambda v: v in LR_SCHEDULES, LR_SCHEDULES
-    ),
-    # Input resolution (pixels, square); images are resized on the device. 0 keeps the data's size.
-    "image_size": Hyperparameter("int", 0, "an integer >= 0 (0 keeps the images' size)", lambda v: v >= 0),
-    # cnn: conv_blocks x (Conv -> BatchNorm -> ReLU -> MaxPool), channels doubling from conv_channels.
-    "conv_blocks": Hyperparameter("int", 2, "an integer >= 1", lambda v: v >= 1),
-    "conv_channels": Hyperparameter("int", 32, "an integer >= 1", lambda v: v >= 1),
-    "kernel_size": Hyperparameter("int", 3, "an odd integer >= 1", lambda v: v >= 1 and v % 2 == 1),
-    # resnet18: how many of its stages train, from the top (0: only the new head; 5: all of it, stem
-    # included), and the backbone's learning rate as a fraction of learning_rate (the head's).
-    "trainable_stages": Hyperparameter("int", 5, "an integer from 0 to 5", lambda v: 0 <= v <= 5),
-    "backbone_lr_factor": Hyperparameter("float", 1.0, "a number > 0", lambda v: v > 0),
-}
-
-# Which model kinds use a hyperparameter (the rest are used by every kind). A space that sets one
-# its model ignores is refused: the trials would spend the search on a value that changes nothing.
-MODEL_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
-    "num_hidden_layers": ("mlp", "cnn"),
-    "neurons_per_layer": ("mlp", "cnn"),
-    "conv_blocks": ("cnn",),
-    "conv_channels": ("cnn",),
-    "kernel_size": ("cnn",),
-    "trainable_stages": ("resnet18",),
-    "backbone_lr_factor": ("resnet18",),
-}
-
-
-def hyperparameter_names(kind: str | None = None) -> list[str]:
-    """The hyperparameters a model kind uses (all of them when ``kind`` is None)."""
-    return [name for name in HYPERPARAMETERS if kind is None or kind in MODEL_HYPERPARAMETERS.get(name, (kind,))]
-
-
-def resolve_hyperparameters(config: Mapping[str, Any], kind: str | None = None) -> dict[str, Any]:
-    """Every hyperparameter a trial uses: the sampled ones, defaults for the rest (only those of
-    model ``kind`` when given: what a user reads in best.yaml and trials.parquet)."""
-    resolved = {name: config.get(name, HYPERPARAMETERS[name].default) for name in hyperparameter_names(kind)}
-    # Optuna's float steps carry binary noise (0.30000000000000004); 12 digits say what was meant.
-    return {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in resolved.items()}
-
+from hpsearch.hyperparameters import (
+    DATASETS,
+    HYPERPARAMETERS,
+    LOADERS,
+    METRICS,
+    MODEL_HYPERPARAMETERS,
+    MODEL_KINDS,
+    RESNET18_WEIGHTS,
+    SAMPLERS,
+    SCHEDULERS,
+    Hyperparameter,
+)
 
 # --------------------------------------------------------------------------------------------
 # The job, as frozen dataclasses.
@@ -175,10 +104,7 @@ class DataSpec:
 
     def to_dict(self) -> dict[str, Any]:
         folder_only = ("image_size", "loader", "num_workers")
-        d = {k: v for k, v in vars(self).items()
-             if k != "augment" and (k not in folder_only or self.dataset == "image_folder")}
-        d["augment"] = vars(self.augment).copy()
-        return d
+        return {k: v for k, v in _plain(self).items() if k not in folder_only or self.dataset == "image_folder"}
 
 
 @dataclass(frozen=True)
@@ -226,10 +152,10 @@ class SearchSpec:
     max_failures: int = 1  # retries of a crashed trial, each from its last checkpoint
     max_failed_trials: int | None = None  # stop the whole search once this many trials failed
     searcher: SearcherSpec = field(default_factory=SearcherSpec)
-    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     # "defaults" (not with the grid sampler), "none", or explicit points: ({name: value, ...}, ...)
     enqueue: str | tuple[dict[str, Any], ...] = ENQUEUE_DEFAULTS
     final: FinalSpec = field(default_factory=FinalSpec)
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
 
 
 @dataclass(frozen=True)
@@ -281,71 +207,32 @@ class JobSpec:
     def max_t(self) -> int:
         return self.search.scheduler.max_t or self.max_epochs()
 
-    def storage_dir(self) -> Path:
-        """``<storage>/<name>``, where Tune's state and our outputs live; for a URI storage, the
-        local folder that mirrors hpsearch's own files (see :mod:`hpsearch.storage`)."""
-        if "://" in self.storage:
-            from hpsearch.storage import mirror_dir
-
-            return mirror_dir(self.experiment_location())
-        return Path(os.path.expanduser(self.storage)).resolve() / self.name
-
-    def experiment_location(self) -> str:
-        """``<storage>/<name>`` as Ray Tune sees it: a local path, or a URI."""
-        if "://" in self.storage:
-            return f"{self.storage.rstrip('/')}/{self.name}"
-        return str(Path(os.path.expanduser(self.storage)).resolve() / self.name)
-
-    def tracking_uri(self) -> str:
-        """The MLflow URI the driver uses, made absolute (Ray runs trials in other folders)."""
-        uri = self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + str(Path(os.path.expanduser(uri[len("sqlite:///"):])).resolve())
-        elif "://" not in uri:
-            uri = str(Path(os.path.expanduser(uri)).resolve())
-        return uri
-
     def to_dict(self) -> dict[str, Any]:
-        """The resolved job as plain data (what ``job.yaml`` holds); loads back to an equal job."""
-        sched = self.search.scheduler
-        return {
-            "name": self.name,
-            "seed": self.seed,
-            "data": self.data.to_dict(),
-            "model": vars(self.model).copy(),
-            "space": {name: p.to_dict() for name, p in self.space},
-            "search": {
-                "metric": self.search.metric,
-                "mode": self.search.mode,
-                "num_samples": self.search.num_samples,
-                "max_concurrent_trials": self.search.max_concurrent_trials,
-                "time_budget_s": self.search.time_budget_s,
-                "max_failures": self.search.max_failures,
-                "max_failed_trials": self.search.max_failed_trials,
-                "searcher": vars(self.search.searcher).copy(),
-                "enqueue": (self.search.enqueue if isinstance(self.search.enqueue, str)
-                            else [dict(point) for point in self.search.enqueue]),
-                "final": vars(self.search.final).copy(),
-                "scheduler": (
-                    {"name": "fifo"}
-                    if sched.name == "fifo"
-                    else {
-                        "name": sched.name,
-                        "max_t": self.max_t,
-                        "grace_period": sched.grace_period,
-                        "reduction_factor": sched.reduction_factor,
-                    }
-                ),
-            },
-            "resources": {"cpu": self.resources.cpu,
-                          "gpu": "auto" if self.resources.gpu is None else self.resources.gpu},
-            "tracking": {
-                "enabled": self.tracking.enabled,
-                "uri": self.tracking.uri,
-                "experiment": self.experiment,
-            },
-            "storage": self.storage,
-        }
+        """The resolved job as plain data (what ``job.yaml`` holds); loads back to an equal job.
+
+        Derived from the dataclasses' fields; only what the file spells differently from the
+        dataclass is said here: ``gpu: auto``, the experiment and ASHA's ``max_t`` resolved, the
+        image-folder-only data keys and a FIFO scheduler's unused settings left out.
+        """
+        d = _plain(self)
+        d["space"] = {name: p.to_dict() for name, p in self.space}
+        d["data"] = self.data.to_dict()
+        d["resources"]["gpu"] = "auto" if self.resources.gpu is None else self.resources.gpu
+        d["tracking"]["experiment"] = self.experiment
+        d["search"]["scheduler"] = ({"name": "fifo"} if self.search.scheduler.name == "fifo"
+                                    else {**d["search"]["scheduler"], "max_t": self.max_t})
+        return d
+
+
+def _plain(value: Any) -> Any:
+    """A frozen spec as plain YAML data: dataclasses as mappings (in field order), tuples as lists."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,6 +345,11 @@ def _join(path: str, key: Any) -> str:
     return f"{path}[{key!r}]" if path else f"[{key!r}]"
 
 
+def _keys(spec: type) -> tuple[str, ...]:
+    """The keys a section of the job file may have: its dataclass's fields."""
+    return tuple(f.name for f in dataclasses.fields(spec))
+
+
 def _mapping(p: _Problems, raw: Any, path: str, known: tuple[str, ...]) -> dict[str, Any]:
     if raw is None:
         return {}
@@ -524,16 +416,46 @@ def _one_of(p: _Problems, raw: dict[str, Any], path: str, key: str, choices: tup
 def validate(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
     """Turn a raw job mapping into a :class:`JobSpec`, or raise :class:`JobError` with every problem."""
     p = _Problems()
-    top = _mapping(p, raw, "", ("name", "seed", "data", "model", "space", "search", "resources", "tracking", "storage"))
+    top = _mapping(p, raw, "", _keys(JobSpec))
 
     name = _get(p, top, "", "name", "str", rule=lambda v: bool(_NAME_RE.match(v)),
                 rule_text="a folder-safe name (letters, digits, '.', '_', '-')")
-    seed = _get(p, top, "", "seed", "int", 0, lambda v: v >= 0, "an integer >= 0")
-    storage = _get(p, top, "", "storage", "str", "./hpsearch_runs")
+    seed = _get(p, top, "", "seed", "int", JobSpec.seed, lambda v: v >= 0, "an integer >= 0")
+    storage = _get(p, top, "", "storage", "str", JobSpec.storage)
 
-    d = _mapping(p, top.get("data"), "data", ("dataset", "root", "download", "val_fraction", "test_fraction",
-                                              "image_size", "loader", "num_workers", "augment"))
-    a = _mapping(p, d.get("augment"), "data.augment", ("crop_padding", "horizontal_flip"))
+    data = _data(p, top.get("data"))
+    model = _model(p, top.get("model"))
+    search = _search(p, top.get("search"))
+    space = _space(p, top.get("space"), sampler=search.searcher.sampler)
+
+    r = _mapping(p, top.get("resources"), "resources", _keys(ResourcesSpec))
+    resources = ResourcesSpec(
+        cpu=_get(p, r, "resources", "cpu", "float", ResourcesSpec.cpu, lambda v: v > 0, "a number > 0"),
+        gpu=None if r.get("gpu") == "auto" else _get(p, r, "resources", "gpu", "float", ResourcesSpec.gpu,
+                 lambda v: v == 0 or 0 < v < 1 or float(v).is_integer(),
+                 "auto, 0, a fraction in (0, 1), or a whole number of GPUs"),
+    )
+
+    t = _mapping(p, top.get("tracking"), "tracking", _keys(TrackingSpec))
+    tracking = TrackingSpec(
+        enabled=_get(p, t, "tracking", "enabled", "bool", TrackingSpec.enabled),
+        uri=_get(p, t, "tracking", "uri", "str", TrackingSpec.uri),
+        experiment=_get(p, t, "tracking", "experiment", "str", TrackingSpec.experiment),
+    )
+
+    if p.items:
+        raise JobError(source, p.items)
+    job = JobSpec(name=name, seed=seed, data=data, model=model, space=space, search=search,
+                  resources=resources, tracking=tracking, storage=storage)
+    _cross_checks(p, job)
+    if p.items:
+        raise JobError(source, p.items)
+    return job
+
+
+def _data(p: _Problems, raw: Any) -> DataSpec:
+    d = _mapping(p, raw, "data", _keys(DataSpec))
+    a = _mapping(p, d.get("augment"), "data.augment", _keys(AugmentSpec))
     data = DataSpec(
         dataset=_one_of(p, d, "data", "dataset", DATASETS),
         root=_get(p, d, "data", "root", "str", DataSpec.root),
@@ -548,16 +470,19 @@ def validate(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
         num_workers=_get(p, d, "data", "num_workers", "int", DataSpec.num_workers, lambda v: v >= 0,
                          "an integer >= 0 (0 reads in the trial's own process)"),
         augment=AugmentSpec(
-            crop_padding=_get(p, a, "data.augment", "crop_padding", "int", 0, lambda v: v >= 0,
+            crop_padding=_get(p, a, "data.augment", "crop_padding", "int", AugmentSpec.crop_padding, lambda v: v >= 0,
                               "an integer >= 0 (pixels)"),
-            horizontal_flip=_get(p, a, "data.augment", "horizontal_flip", "bool", False),
+            horizontal_flip=_get(p, a, "data.augment", "horizontal_flip", "bool", AugmentSpec.horizontal_flip),
         ),
     )
     for key in ("image_size", "loader", "num_workers"):
         if key in d and data.dataset in DATASETS and data.dataset != "image_folder":
             p.add(f"data.{key}", f"applies to dataset: image_folder only, not {data.dataset}")
+    return data
 
-    m = _mapping(p, top.get("model"), "model", ("kind", "batch_norm", "weights", "download"))
+
+def _model(p: _Problems, raw: Any) -> ModelSpec:
+    m = _mapping(p, raw, "model", _keys(ModelSpec))
     model = ModelSpec(
         kind=_one_of(p, m, "model", "kind", MODEL_KINDS, ModelSpec.kind),
         batch_norm=_get(p, m, "model", "batch_norm", "bool", ModelSpec.batch_norm),
@@ -566,70 +491,42 @@ def validate(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
     )
     if model.kind != "resnet18" and model.weights != "none":
         p.add("model.weights", f"pretrained weights apply to kind: resnet18 only, not {model.kind}")
-
-    search = _search(p, top.get("search"))
-    space = _space(p, top.get("space"), sampler=search.searcher.sampler)
-
-    r = _mapping(p, top.get("resources"), "resources", ("cpu", "gpu"))
-    resources = ResourcesSpec(
-        cpu=_get(p, r, "resources", "cpu", "float", ResourcesSpec.cpu, lambda v: v > 0, "a number > 0"),
-        gpu=None if r.get("gpu") == "auto" else _get(p, r, "resources", "gpu", "float", ResourcesSpec.gpu,
-                 lambda v: v == 0 or 0 < v < 1 or float(v).is_integer(),
-                 "auto, 0, a fraction in (0, 1), or a whole number of GPUs"),
-    )
-
-    t = _mapping(p, top.get("tracking"), "tracking", ("enabled", "uri", "experiment"))
-    tracking = TrackingSpec(
-        enabled=_get(p, t, "tracking", "enabled", "bool", True),
-        uri=_get(p, t, "tracking", "uri", "str", None),
-        experiment=_get(p, t, "tracking", "experiment", "str", None),
-    )
-
-    if p.items:
-        raise JobError(source, p.items)
-    job = JobSpec(name=name, seed=seed, data=data, model=model, space=space, search=search,
-                  resources=resources, tracking=tracking, storage=storage)
-    _cross_checks(p, job)
-    if p.items:
-        raise JobError(source, p.items)
-    return job
+    return model
 
 
 def _search(p: _Problems, raw: Any) -> SearchSpec:
-    s = _mapping(p, raw, "search", ("metric", "mode", "num_samples", "max_concurrent_trials",
-                                     "time_budget_s", "max_failures", "max_failed_trials", "searcher",
-                                     "scheduler", "enqueue", "final"))
+    s = _mapping(p, raw, "search", _keys(SearchSpec))
     metric = _one_of(p, s, "search", "metric", tuple(METRICS), SearchSpec.metric)
     mode = _one_of(p, s, "search", "mode", ("max", "min"), METRICS.get(metric, "max"))
     if metric in METRICS and mode in ("max", "min") and mode != METRICS[metric]:
         p.add("search.mode", f"{metric} is best when it is the {'largest' if METRICS[metric] == 'max' else 'smallest'}; "
                              f"use mode: {METRICS[metric]}, got {_show(mode)}")
 
-    sr = _mapping(p, s.get("searcher"), "search.searcher", ("name", "sampler"))
+    sr = _mapping(p, s.get("searcher"), "search.searcher", _keys(SearcherSpec))
     searcher = SearcherSpec(
-        name=_one_of(p, sr, "search.searcher", "name", ("optuna",), "optuna"),
-        sampler=_one_of(p, sr, "search.searcher", "sampler", SAMPLERS, "tpe"),
+        name=_one_of(p, sr, "search.searcher", "name", ("optuna",), SearcherSpec.name),
+        sampler=_one_of(p, sr, "search.searcher", "sampler", SAMPLERS, SearcherSpec.sampler),
     )
 
     raw_sched = s.get("scheduler")
-    sc = _mapping(p, raw_sched, "search.scheduler", ("name", "max_t", "grace_period", "reduction_factor"))
-    sched_name = _one_of(p, sc, "search.scheduler", "name", SCHEDULERS, "asha")
+    sc = _mapping(p, raw_sched, "search.scheduler", _keys(SchedulerSpec))
+    sched_name = _one_of(p, sc, "search.scheduler", "name", SCHEDULERS, SchedulerSpec.name)
     if sched_name == "fifo":
         for key in ("max_t", "grace_period", "reduction_factor"):
             if key in sc:
                 p.add(f"search.scheduler.{key}", "only applies to name: asha (fifo runs every trial to its end)")
     scheduler = SchedulerSpec(
         name=sched_name,
-        max_t=_get(p, sc, "search.scheduler", "max_t", "int", None, lambda v: v >= 1, "an integer >= 1"),
-        grace_period=_get(p, sc, "search.scheduler", "grace_period", "int", 1, lambda v: v >= 1, "an integer >= 1"),
-        reduction_factor=_get(p, sc, "search.scheduler", "reduction_factor", "float", 3,
+        max_t=_get(p, sc, "search.scheduler", "max_t", "int", SchedulerSpec.max_t, lambda v: v >= 1, "an integer >= 1"),
+        grace_period=_get(p, sc, "search.scheduler", "grace_period", "int", SchedulerSpec.grace_period, lambda v: v >= 1, "an integer >= 1"),
+        reduction_factor=_get(p, sc, "search.scheduler", "reduction_factor", "float", SchedulerSpec.reduction_factor,
                               lambda v: v >= 2, "a number >= 2 (each rung keeps 1/reduction_factor of the trials)"),
     )
     if scheduler.max_t is not None and scheduler.grace_period > scheduler.max_t:
         p.add("search.scheduler.grace_period",
               f"must be <= max_t ({scheduler.max_t}), got {scheduler.grace_period}")
 
-    f = _mapping(p, s.get("final"), "search.final", ("seeds",))
+    f = _mapping(p, s.get("final"), "search.final", _keys(FinalSpec))
     final = FinalSpec(seeds=_get(p, f, "search.final", "seeds", "int", FinalSpec.seeds, lambda v: 0 <= v <= 100,
                                  "an integer from 0 to 100 (retrainings of the best configuration; 0 = off)"))
 
@@ -640,12 +537,12 @@ def _search(p: _Problems, raw: Any) -> SearchSpec:
         mode=mode,
         num_samples=_get(p, s, "search", "num_samples", "int", SearchSpec.num_samples,
                          lambda v: v >= 1, "an integer >= 1 (the number of trials)"),
-        max_concurrent_trials=_get(p, s, "search", "max_concurrent_trials", "int", None,
+        max_concurrent_trials=_get(p, s, "search", "max_concurrent_trials", "int", SearchSpec.max_concurrent_trials,
                                    lambda v: v >= 1, "an integer >= 1"),
-        time_budget_s=_get(p, s, "search", "time_budget_s", "float", None, lambda v: v > 0, "a number of seconds > 0"),
+        time_budget_s=_get(p, s, "search", "time_budget_s", "float", SearchSpec.time_budget_s, lambda v: v > 0, "a number of seconds > 0"),
         max_failures=_get(p, s, "search", "max_failures", "int", SearchSpec.max_failures,
                           lambda v: v >= 0, "an integer >= 0"),
-        max_failed_trials=_get(p, s, "search", "max_failed_trials", "int", None, lambda v: v >= 1,
+        max_failed_trials=_get(p, s, "search", "max_failed_trials", "int", SearchSpec.max_failed_trials, lambda v: v >= 1,
                                "an integer >= 1 (failed trials that stop the search)"),
         searcher=searcher,
         scheduler=scheduler,

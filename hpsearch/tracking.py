@@ -14,20 +14,35 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from hpsearch.errors import StorageError
+from hpsearch.record.trial_log import EPOCH_METRICS, TrialStatus
 
 logger = logging.getLogger(__name__)
 
 TRIAL_ID_TAG = "hpsearch.trial_id"
 STATUS_TAG = "hpsearch.status"
-METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "epoch_time_s")
+METRIC_KEYS = (*EPOCH_METRICS, "epoch_time_s")  # logged per epoch, step = epoch
+DEFAULT_URI = "sqlite:///mlflow.db"
 # our trial status -> MLflow run status
-_RUN_STATUS = {"completed": "FINISHED", "stopped early": "FINISHED", "failed": "FAILED", "diverged": "FAILED",
-               "interrupted": "KILLED", "discarded": "KILLED"}
+_RUN_STATUS = {TrialStatus.COMPLETED: "FINISHED", TrialStatus.STOPPED_EARLY: "FINISHED",
+               TrialStatus.FAILED: "FAILED", TrialStatus.DIVERGED: "FAILED", TrialStatus.NOT_RUN: "FINISHED",
+               TrialStatus.INTERRUPTED: "KILLED", TrialStatus.DISCARDED: "KILLED"}
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The MLflow URI the driver uses (``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
+    ``sqlite:///mlflow.db``), made absolute: Ray runs trials in other folders."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(os.path.expanduser(uri[len("sqlite:///"):])).resolve())
+    elif "://" not in uri:
+        uri = str(Path(os.path.expanduser(uri)).resolve())
+    return uri
 
 
 class Tracker:
@@ -159,28 +174,28 @@ class Tracker:
         metrics = [Metric(k, float(result[k]), now, step) for k in METRIC_KEYS if k in result]
         self.client.log_batch(run_id, metrics=metrics)
 
-    def trial_ended(self, trial_id: str, status: str, error: str | None = None) -> None:
+    def trial_ended(self, trial_id: str, status: TrialStatus, error: str | None = None) -> None:
         self._submit(self._trial_ended, trial_id, status, error)
 
-    def _trial_ended(self, trial_id: str, status: str, error: str | None) -> None:
+    def _trial_ended(self, trial_id: str, status: TrialStatus, error: str | None) -> None:
         run_id = self._runs.get(trial_id)
         if run_id is None:
             return
-        self.client.set_tag(run_id, STATUS_TAG, status)
+        self.client.set_tag(run_id, STATUS_TAG, status.value)
         if error:
             self.client.set_tag(run_id, "hpsearch.error", error[:5000])
-        self.client.set_terminated(run_id, status=_RUN_STATUS.get(status, "FINISHED"))
+        self.client.set_terminated(run_id, status=_RUN_STATUS.get(TrialStatus(status), "FINISHED"))
 
     # -- the end of the search ----------------------------------------------------------------
 
-    def reconcile(self, statuses: Mapping[str, str]) -> None:
+    def reconcile(self, statuses: Mapping[str, TrialStatus]) -> None:
         """Make MLflow agree with our record after crashes and resumes: one child run per trial
         with its final status; runs of trials the search does not count, or duplicates left by a
         killed driver, are closed as KILLED and tagged ``discarded`` — none stays RUNNING."""
         self.flush()
         self._safe(self._reconcile, statuses)
 
-    def _reconcile(self, statuses: Mapping[str, str]) -> None:
+    def _reconcile(self, statuses: Mapping[str, TrialStatus]) -> None:
         runs = self.client.search_runs(
             [self._experiment_id()], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
             max_results=50_000,
@@ -188,14 +203,16 @@ class Tracker:
         keep: dict[str, str] = {}
         for run in sorted(runs, key=lambda r: r.info.start_time):
             trial_id = run.data.tags.get(TRIAL_ID_TAG)
-            if trial_id in statuses and trial_id not in keep and run.data.tags.get(STATUS_TAG) != "discarded":
+            discarded = run.data.tags.get(STATUS_TAG) == TrialStatus.DISCARDED.value
+            if trial_id in statuses and trial_id not in keep and not discarded:
                 keep[trial_id] = run.info.run_id
-                wanted = _RUN_STATUS.get(statuses[trial_id], "FINISHED")
-                if run.info.status != wanted or run.data.tags.get(STATUS_TAG) != statuses[trial_id]:
-                    self.client.set_tag(run.info.run_id, STATUS_TAG, statuses[trial_id])
+                status = TrialStatus(statuses[trial_id])
+                wanted = _RUN_STATUS.get(status, "FINISHED")
+                if run.info.status != wanted or run.data.tags.get(STATUS_TAG) != status.value:
+                    self.client.set_tag(run.info.run_id, STATUS_TAG, status.value)
                     self.client.set_terminated(run.info.run_id, status=wanted)
-            elif run.data.tags.get(STATUS_TAG) != "discarded" or run.info.status == "RUNNING":
-                self.client.set_tag(run.info.run_id, STATUS_TAG, "discarded")
+            elif not discarded or run.info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, STATUS_TAG, TrialStatus.DISCARDED.value)
                 self.client.set_terminated(run.info.run_id, status="KILLED")
         self._runs.update(keep)
 

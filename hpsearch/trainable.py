@@ -1,7 +1,7 @@
 """The one training function that runs every trial.
 
 It knows torch, not Ray or MLflow: whoever calls it passes a ``report(metrics, state)`` callable
-(``ray.tune.report`` wrapped by the runner, ``list.append`` in a test, a timer in a benchmark) and,
+(``ray.tune.report`` wrapped by :mod:`hpsearch.tune.trial`, ``list.append`` in a test, a timer in a benchmark) and,
 to resume, the ``state`` a previous report handed out.
 
 Why it is shaped this way (measured, see DESIGN.md and benchmarks/):
@@ -30,7 +30,8 @@ from torch import nn
 
 from hpsearch.data import Dataset, ImageFiles, Split, normalize, to_device
 from hpsearch.models import build_model, build_optimizer, set_learning_rate
-from hpsearch.spec import AugmentSpec, ModelSpec, resolve_hyperparameters
+from hpsearch.hyperparameters import resolve_hyperparameters
+from hpsearch.spec import AugmentSpec, ModelSpec
 
 Report = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -64,6 +65,8 @@ def train(
     report NaN validation metrics): the final retraining, whose ``val`` is the test set.
     ``stop_after``: end after this epoch, the learning-rate schedule still that of ``epochs``.
     """
+    # one piece: the training loop of a PyTorch tutorial, read top to bottom (set-up, epochs,
+    # report); split, its hot path would hide behind calls.
     # -- setup --------------------------------------------------------------------------------
     hp = resolve_hyperparameters(config)
     device = torch.device(device)
@@ -322,3 +325,56 @@ def score_test_set(
     model, source = _model_and_batches(model_spec, hp, data, device)
     model.load_state_dict(state["model"])
     return evaluate(model, source.eval_batches(data.test))[1]
+
+
+# --------------------------------------------------------------------------------------------
+# What the Tune side needs of torch: devices, checkpoint files, the best model's test score.
+# (hpsearch.tune and hpsearch.search never import torch themselves.)
+# --------------------------------------------------------------------------------------------
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial ran out of GPU memory (one line a user can act on, not the allocator's page)."""
+
+
+def pick_device(gpus: float) -> str:
+    """``cuda`` for a trial that holds a GPU on a machine that has one, else ``cpu``."""
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def train_on_device(config: Mapping[str, Any], *, gpus: float, cpus: float, **kwargs: Any) -> dict[str, Any]:
+    """:func:`train` on the trial's device and threads; CUDA's out-of-memory error said plainly."""
+    try:
+        return train(config, device=pick_device(gpus), num_threads=max(1, int(cpus)), **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise TrialOutOfMemory(
+            f"CUDA out of memory (batch_size={config.get('batch_size')}, "
+            f"{gpus:g} GPU per trial): use a smaller batch_size, or fewer trials per GPU "
+            "(a larger resources.gpu)"
+        ) from None
+
+
+def save_state(state: Mapping[str, Any], file: Any) -> None:
+    """Write a checkpoint's state (model, optimizer, epoch) to a path or an open binary file."""
+    torch.save(dict(state), file)
+
+
+def load_state(raw: bytes) -> dict[str, Any]:
+    """A checkpoint's state from its bytes, on the CPU (tensors only: no pickled code runs)."""
+    import io
+
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+
+def score_checkpoint(raw: bytes, config: Mapping[str, Any], *, data: Dataset, model_spec: ModelSpec,
+                     gpus: float) -> tuple[float, Callable[[Any], None]]:
+    """The test accuracy of a checkpoint (its ``state.pt`` bytes), and a function that writes its
+    model's weights to an open binary file (``best_model.pt``)."""
+    state = load_state(raw)
+    accuracy = score_test_set(state, config, data=data, model_spec=model_spec, device=pick_device(gpus))
+    return accuracy, lambda f: torch.save(state["model"], f)
+
+
+def retrain_on_device(config: Mapping[str, Any], *, gpus: float, cpus: float, **kwargs: Any) -> float:
+    """:func:`retrain` on the task's device and threads."""
+    return retrain(config, device=pick_device(gpus), num_threads=max(1, int(cpus)), **kwargs)

@@ -21,7 +21,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from hpsearch import results, runner  # noqa: E402
+from hpsearch.record.location import SearchLocation  # noqa: E402
+from hpsearch.record.trial_log import LOG_FILE  # noqa: E402
+from hpsearch.search import run_search  # noqa: E402
 from hpsearch.spec import load_job  # noqa: E402
 
 
@@ -32,7 +34,7 @@ def main() -> None:
     worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     print("WORKER", json.dumps(worker.node_id), flush=True)
-    log = job.storage_dir() / results.TRIAL_LOG
+    log = SearchLocation.of(job.storage, job.name).local / LOG_FILE
 
     def remove_worker_mid_trial() -> None:
         while True:
@@ -48,7 +50,7 @@ def main() -> None:
     if remove:
         threading.Thread(target=remove_worker_mid_trial, daemon=True).start()
     try:
-        summary = runner.run_search(job, address=cluster.address)
+        summary = run_search(job, address=cluster.address)
         print("COUNTS", json.dumps(summary.counts), flush=True)
     finally:
         cluster.shutdown()

@@ -1,25 +1,23 @@
-"""Shared fixtures: one real Ray runtime for the whole session, jobs written into tmp_path.
+"""Shared fixtures: one real Ray runtime for the whole session, the command run in-process.
 
-Ray is kept on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is read when ray is first imported)
-and started once: ``ray.init`` costs seconds, and hpsearch's runner reuses a runtime it finds.
+Ray's environment is the product's own (:func:`hpsearch.tune.runtime.set_ray_environment`: on
+loopback, no usage stats), set before anything imports ray. Ray is started once: ``ray.init``
+costs seconds, and a search reuses a runtime it finds. The helpers (small jobs, small data sets
+in the real formats) are in support.py.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
-import yaml
+from click.testing import Result
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+from hpsearch.tune.runtime import set_ray_environment
+
+set_ray_environment()
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -32,87 +30,11 @@ def ray_runtime() -> Any:
     ray.shutdown()
 
 
-def small_job(tmp_path: Path, **sections: Any) -> dict[str, Any]:
-    """A digits job that runs in seconds, writing only under tmp_path."""
-    job: dict[str, Any] = {
-        "name": "t",
-        "seed": 0,
-        "data": {"dataset": "digits"},
-        "model": {"kind": "mlp", "batch_norm": True},
-        "space": {
-            "num_hidden_layers": {"type": "int", "low": 1, "high": 2},
-            "neurons_per_layer": {"type": "int", "low": 16, "high": 64, "step": 16},
-            "learning_rate": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
-            "epochs": 3,
-            "batch_size": 64,
-        },
-        "search": {"num_samples": 3, "scheduler": {"name": "fifo"}},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        "storage": str(tmp_path / "runs"),
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(job.get(key), dict):
-            job[key] = {**job[key], **value}
-        else:
-            job[key] = value
-    return job
 
 
-def write_job(path: Path, job: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(job, sort_keys=False))
-    return path
+@pytest.fixture
+def run_cli() -> Callable[..., Result]:
+    """``run_cli("run", path, "--set", "a=b")``: ``hpsearch`` in this process; exit code and output."""
+    from support import cli_run
 
-
-def write_idx(folder: Path, *, n_train: int = 300, n_test: int = 100, seed: int = 0) -> None:
-    """Small MNIST-format IDX files (.gz): 28x28 images whose brightness pattern encodes the label."""
-    import gzip
-
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-        for i, lab in enumerate(labels):  # a learnable signal: a bright row band per class
-            images[i, 2 + 2 * lab: 4 + 2 * lab, :] = 250
-        header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28))
-        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
-        header = bytes([0, 0, 8, 1]) + n.to_bytes(4, "big")
-        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.tobytes()))
-
-
-def write_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "frog"), *, per_class: int = 12,
-                       size: tuple[int, int] = (20, 14), seed: int = 0) -> None:
-    """An ImageFolder tree of PNG files: <root>/<class>/<n>.png, each class its own colour (learnable)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 60, (size[1], size[0], 3)).astype(np.uint8)
-            pixels[..., label % 3] += 180
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-
-
-def write_cifar10(root: Path, *, per_batch: int = 40, seed: int = 0) -> None:
-    """torchvision's cifar-10-batches-py folder with small batches (the real format, fewer images)."""
-    import pickle
-
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = rng.integers(0, 10, per_batch)
-        images = rng.integers(0, 60, (per_batch, 3, 32, 32)).astype(np.uint8)
-        for i, lab in enumerate(labels):  # a learnable signal: a bright band per class
-            images[i, :, 3 * lab: 3 * lab + 3, :] = 250
-        batch = {"batch_label": name, "labels": labels.tolist(), "data": images.reshape(per_batch, -1),
-                 "filenames": [f"{i}.png" for i in range(per_batch)]}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    return cli_run

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO
+from support import REPO
 
 LAUNCHER_CONFIGS = ["aws-gpu.yaml", "gcp-gpu.yaml", "onprem.yaml"]
 RAY = str(Path(sys.executable).parent / "ray")

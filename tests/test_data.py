@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_cifar10, write_idx, write_image_folder
+from support import write_cifar10, write_idx, write_image_folder
 
 from hpsearch.data import channel_stats, load
 from hpsearch.errors import DataError

@@ -5,16 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import small_job, write_idx, write_job
-
-from hpsearch.cli import cli
+from support import run_job, small_job, write_idx
 
 pytestmark = pytest.mark.slow
 
 
 def _run(tmp_path: Path, job: dict) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, ["run", str(write_job(tmp_path / "job.yaml", job))])
+    result, _ = run_job(tmp_path, job)
     assert "Traceback" not in result.output
     return result.exit_code, result.output
 
@@ -62,6 +59,6 @@ def test_storage_not_writable(ray_runtime, tmp_path: Path) -> None:
     _nothing_left(tmp_path)
 
 
-def test_resume_of_a_folder_that_is_no_search(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["resume", str(tmp_path)])
+def test_resume_of_a_folder_that_is_no_search(run_cli, tmp_path: Path) -> None:
+    result = run_cli("resume", tmp_path)
     assert result.exit_code == 2 and "not a search folder" in result.output

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import small_job, write_job
+from support import small_job, write_job
 from mlflow.tracking import MlflowClient
 from ray import cloudpickle
 
-from hpsearch import raytune, runner
+from hpsearch.record.trial_log import read_events
+from hpsearch.search import run_search
 from hpsearch.spec import load_job, validate
-from hpsearch.trial import run_trial
+from hpsearch.tune.searcher import HonestOptunaSearch
+from hpsearch.tune.trial import run_trial
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +33,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _events(out: Path) -> list[dict]:
-    return raytune.read_events(out / "hpsearch_trials.jsonl")
+    return read_events(out / "hpsearch_trials.jsonl")
 
 
 def crash_once_after_two_epochs(marker_dir: str):
@@ -65,7 +67,7 @@ def test_a_trial_that_crashes_once_resumes_from_its_checkpoint(ray_runtime, tmp_
     job = validate(small_job(tmp_path, search={"num_samples": 2, "max_failures": 1}))
     job_epochs = 5
     job = validate({**job.to_dict(), "space": {**job.to_dict()["space"], "epochs": job_epochs}})
-    summary = runner.run_search(job, trial_fn=crash_once_after_two_epochs(str(tmp_path)))
+    summary = run_search(job, trial_fn=crash_once_after_two_epochs(str(tmp_path)))
     assert summary.counts == {"completed": 2} and summary.stopped is None
 
     events = _events(summary.search_dir)
@@ -83,7 +85,7 @@ def test_a_trial_that_crashes_once_resumes_from_its_checkpoint(ray_runtime, tmp_
 def test_a_trial_that_always_fails_is_failed_and_the_rest_complete(ray_runtime, tmp_path: Path) -> None:
     job = small_job(tmp_path, search={"num_samples": 3, "max_failures": 1, "searcher": {"sampler": "grid"}})
     job["space"] = {"learning_rate": {"type": "categorical", "choices": [0.01, 0.123, 0.02]}, "epochs": 2}
-    summary = runner.run_search(validate(job), trial_fn=fail_when_lr_is_bad)
+    summary = run_search(validate(job), trial_fn=fail_when_lr_is_bad)
     assert summary.counts == {"completed": 2, "failed": 1}
     rows = {r["learning_rate"]: r for r in pq.read_table(summary.search_dir / "trials.parquet").to_pylist()}
     assert rows[0.123]["status"] == "failed" and "injected failure for learning_rate 0.123" in rows[0.123]["error"]
@@ -100,7 +102,7 @@ def test_a_trial_that_always_fails_is_failed_and_the_rest_complete(ray_runtime, 
 def test_max_failed_trials_stops_the_search(ray_runtime, tmp_path: Path) -> None:
     job = small_job(tmp_path, search={"num_samples": 8, "max_failures": 0, "max_failed_trials": 2,
                                       "max_concurrent_trials": 1}, tracking={"enabled": False})
-    summary = runner.run_search(validate(job), trial_fn=always_fail)
+    summary = run_search(validate(job), trial_fn=always_fail)
     assert summary.counts.get("failed") == 2 and sum(summary.counts.values()) < 8
     assert "max_failed_trials: 2" in summary.stopped
     assert len(pq.read_table(summary.search_dir / "trials.parquet")) == sum(summary.counts.values())
@@ -112,7 +114,7 @@ def test_honest_optuna_search_tells_optuna_what_happened(tmp_path: Path) -> None
     from hpsearch.space import define_by_run, make_sampler
 
     job = validate(small_job(tmp_path))
-    searcher = raytune.HonestOptunaSearch(space=define_by_run(job), metric="val_accuracy", mode="max",
+    searcher = HonestOptunaSearch(space=define_by_run(job), metric="val_accuracy", mode="max",
                                           sampler=make_sampler(job))
     outcomes = {"a": {"epoch": 3, "val_accuracy": 0.9, "diverged": False, "config/epochs": 3},
                 "b": {"epoch": 1, "val_accuracy": 0.5, "diverged": False, "config/epochs": 3},
@@ -238,18 +240,18 @@ def test_checkpoints_named_by_a_stale_snapshot_are_put_back(ray_runtime, tmp_pat
     import re
     import shutil
 
-    from hpsearch import storage
+    from hpsearch.tune import snapshot
 
     job = small_job(tmp_path, search={"num_samples": 1, "scheduler": {"name": "fifo"}}, tracking={"enabled": False})
     job["space"]["epochs"] = 6
-    runner.run_search(validate(job))
+    run_search(validate(job))
     out = tmp_path / "runs" / "t"
     trial_dir = next(out.glob("trial_*"))
     kept = sorted(p.name for p in trial_dir.glob("checkpoint_*"))
     assert len(kept) >= 2
-    snapshot = sorted(out.glob("experiment_state-*.json"))[-1].read_text()
-    assert "checkpoint_" in snapshot or re.search(r"[0-9a-f]{64,}", snapshot)  # Tune's format: paths or pickles
-    assert storage.restore_missing_checkpoints(str(out)) == []  # nothing missing, nothing done
+    state = sorted(out.glob("experiment_state-*.json"))[-1].read_text()
+    assert "checkpoint_" in state or re.search(r"[0-9a-f]{64,}", state)  # Tune's format: paths or pickles
+    assert snapshot.restore_missing_checkpoints(str(out)) == []  # nothing missing, nothing done
 
     # The snapshot names the kept checkpoints; remove the oldest. A newer copy cut short by the kill
     # (no metrics.json, which a trial writes last) must not be the one copied back.
@@ -257,6 +259,6 @@ def test_checkpoints_named_by_a_stale_snapshot_are_put_back(ray_runtime, tmp_pat
     shutil.rmtree(victim)
     (trial_dir / "checkpoint_000099").mkdir()
     (trial_dir / "checkpoint_000099" / "state.pt").write_bytes(b"cut short")
-    assert storage.restore_missing_checkpoints(str(out)) == [str(victim)]
+    assert snapshot.restore_missing_checkpoints(str(out)) == [str(victim)]
     assert (victim / "state.pt").read_bytes() == (newest / "state.pt").read_bytes()
-    assert storage.restore_missing_checkpoints(f"file://{out}") == []  # through a URI too; done once
+    assert snapshot.restore_missing_checkpoints(f"file://{out}") == []  # through a URI too; done once

@@ -9,7 +9,8 @@ import torch
 
 from hpsearch.errors import ModelError
 from hpsearch.models import ResNet18Transfer, build_model, build_optimizer, pretrained_weights, set_learning_rate
-from hpsearch.spec import AugmentSpec, ModelSpec, resolve_hyperparameters
+from hpsearch.hyperparameters import resolve_hyperparameters
+from hpsearch.spec import AugmentSpec, ModelSpec
 from hpsearch.trainable import augment_batch
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import REPO, small_job, write_job
+from support import REPO, small_job, write_job
 from mlflow.tracking import MlflowClient
 
 from hpsearch import plan, space
@@ -269,7 +269,7 @@ def test_asha_compares_trials_of_the_same_planned_length_only() -> None:
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from hpsearch.raytune import ASHAByLength
+    from hpsearch.tune.scheduler import ASHAByLength
 
     def decisions(scheduler) -> list[str]:
         # Two 10-epoch trials and one of 50 reach the rung at epoch 2; the long one is lowest

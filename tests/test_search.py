@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from click.testing import CliRunner
-from conftest import small_job, write_cifar10, write_idx, write_image_folder, write_job
+from support import cli_run, run_job, small_job, write_cifar10, write_idx, write_image_folder, write_job
 from mlflow.tracking import MlflowClient
 
-from hpsearch.cli import cli
-from hpsearch.runner import trial_slots
-from hpsearch.spec import hyperparameter_names, load_job
+from hpsearch.hyperparameters import hyperparameter_names
+from hpsearch.spec import load_job
+from hpsearch.tune.runtime import trial_slots
 
 pytestmark = pytest.mark.slow
-
-
-def _run(tmp_path: Path, job: dict, *args: str):
-    path = write_job(tmp_path / "job.yaml", job)
-    result = CliRunner().invoke(cli, ["run", str(path), *args])
-    return result, tmp_path / "runs" / job["name"]
 
 
 @pytest.mark.parametrize(("resources", "cpu", "gpu", "slots"), [
@@ -35,60 +29,93 @@ def test_trial_slots(resources: dict, cpu: float, gpu: float, slots: int) -> Non
     assert trial_slots(resources, cpu=cpu, gpu=gpu) == slots
 
 
-def test_digits_search_writes_every_output(ray_runtime, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def digits_search(ray_runtime, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """One 4-trial digits search under ASHA, with MLflow on SQLite: the tests below read its outputs."""
+    tmp_path = tmp_path_factory.mktemp("digits")
     job = small_job(tmp_path, search={"num_samples": 4,
                                       "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}})
-    result, out = _run(tmp_path, job)
+    result, out = run_job(tmp_path, job)
     assert result.exit_code == 0, result.output
-    assert "[4/4] trial" in result.output and "best: trial" in result.output
-    # The test runtime has 2 CPUs: both 1-CPU trial slots are asked for at once, not one by one.
-    assert "1 cpu + 0 gpu per trial, 2 at a time" in result.output
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    return SimpleNamespace(
+        tmp_path=tmp_path, out=out, output=result.output, client=client,
+        trials=pq.read_table(out / "trials.parquet").to_pylist(),
+        epochs=pq.read_table(out / "epochs.parquet").to_pylist(),
+        best=yaml.safe_load((out / "best.yaml").read_text()),
+        parents=[r for r in runs if "mlflow.parentRunId" not in r.data.tags],
+        children=[r for r in runs if "mlflow.parentRunId" in r.data.tags],
+    )
 
-    trials = pq.read_table(out / "trials.parquet").to_pylist()
+
+def test_digits_search_prints_every_trial_and_the_best(digits_search) -> None:
+    assert "[4/4] trial" in digits_search.output and "best: trial" in digits_search.output
+    # The test runtime has 2 CPUs: both 1-CPU trial slots are asked for at once, not one by one.
+    assert "1 cpu + 0 gpu per trial, 2 at a time" in digits_search.output
+
+
+def test_trials_table_has_every_trial_and_hyperparameter(digits_search) -> None:
+    trials = digits_search.trials
     assert len(trials) == 4
     assert set(hyperparameter_names("mlp")) <= set(trials[0])  # every hyperparameter it used, defaults included
     assert "conv_blocks" not in trials[0]  # ...and none the MLP does not use
     assert {t["status"] for t in trials} <= {"completed", "stopped early"}
     assert all(t["epochs_run"] >= 1 and 0 <= t["best_val_accuracy"] <= 1 for t in trials)
 
-    epochs = pq.read_table(out / "epochs.parquet").to_pylist()
+
+def test_epochs_table_has_every_epoch_of_every_trial(digits_search) -> None:
+    trials, epochs = digits_search.trials, digits_search.epochs
     assert len(epochs) == sum(t["epochs_run"] for t in trials)
     assert {e["trial_id"] for e in epochs} == {t["trial_id"] for t in trials}
 
-    best = yaml.safe_load((out / "best.yaml").read_text())
+
+def test_best_yaml_is_the_best_trial_scored_on_the_test_set(digits_search) -> None:
+    best, trials, out = digits_search.best, digits_search.trials, digits_search.out
     assert best["trial_id"] in {t["trial_id"] for t in trials}
     assert best["validation"]["val_accuracy"] == max(t["best_val_accuracy"] for t in trials)
     assert 0.5 < best["test_accuracy"] <= 1 and set(best["hyperparameters"]) == set(hyperparameter_names("mlp"))
     assert (out / "best_model.pt").is_file()
-    assert load_job(out / "job.yaml").to_dict() == load_job(tmp_path / "job.yaml").to_dict()  # resolved
+    resolved = load_job(digits_search.tmp_path / "job.yaml").to_dict()
+    assert load_job(out / "job.yaml").to_dict() == resolved
 
-    # MLflow: one parent run, one child per trial under it, metrics per epoch, final statuses.
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("t")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+def test_mlflow_has_one_parent_and_one_child_per_trial(digits_search) -> None:
+    parents, children, trials = digits_search.parents, digits_search.children, digits_search.trials
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert {c.data.tags["hpsearch.trial_id"] for c in children} == {t["trial_id"] for t in trials}
     assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
-    by_trial = {t["trial_id"]: t for t in trials}
-    for c in children:
-        history = client.get_metric_history(c.info.run_id, "val_accuracy")
-        assert sorted(m.step for m in history) == list(range(1, by_trial[c.data.tags["hpsearch.trial_id"]]["epochs_run"] + 1))
+
+
+def test_mlflow_children_have_metrics_per_epoch_and_the_trials_status(digits_search) -> None:
+    by_trial = {t["trial_id"]: t for t in digits_search.trials}
+    for c in digits_search.children:
+        trial = by_trial[c.data.tags["hpsearch.trial_id"]]
+        history = digits_search.client.get_metric_history(c.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == list(range(1, trial["epochs_run"] + 1))
         assert "learning_rate" in c.data.params
-        assert c.data.tags["hpsearch.status"] == by_trial[c.data.tags["hpsearch.trial_id"]]["status"]
-    assert parent.data.metrics["test_accuracy"] == pytest.approx(best["test_accuracy"])
+        assert c.data.tags["hpsearch.status"] == trial["status"]
+
+
+def test_mlflow_parent_has_the_best_and_the_outputs(digits_search) -> None:
+    parent = digits_search.parents[0]
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(digits_search.best["test_accuracy"])
     assert parent.data.params["best.learning_rate"]
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    artifacts = {a.path for a in digits_search.client.list_artifacts(parent.info.run_id)}
     assert {"job.yaml", "best.yaml", "trials.parquet", "best_model"} <= artifacts
 
-    shown = CliRunner().invoke(cli, ["best", str(out)])
-    assert shown.exit_code == 0 and best["trial_id"] in shown.output and "learning_rate" in shown.output
 
-    # The same name again is refused: two searches never mix in one folder.
-    again = CliRunner().invoke(cli, ["run", str(tmp_path / "job.yaml")])
+def test_best_command_prints_the_best_trial(digits_search) -> None:
+    shown = cli_run("best", digits_search.out)
+    assert shown.exit_code == 0 and digits_search.best["trial_id"] in shown.output
+    assert "learning_rate" in shown.output
+
+
+def test_the_same_name_again_is_refused(digits_search) -> None:
+    # Two searches never mix in one folder.
+    again = cli_run("run", digits_search.tmp_path / "job.yaml")
     assert again.exit_code == 2 and "already holds a search" in again.output and "hpsearch resume" in again.output
 
 
@@ -98,7 +125,7 @@ def test_mnist_loader_from_idx_files_without_download(ray_runtime, tmp_path: Pat
                     search={"num_samples": 2})
     job["space"]["epochs"] = 4
     job["space"]["learning_rate"] = 0.01
-    result, out = _run(tmp_path, job)
+    result, out = run_job(tmp_path, job)
     assert result.exit_code == 0, result.output
     assert len(pq.read_table(out / "trials.parquet")) == 2
     assert yaml.safe_load((out / "best.yaml").read_text())["test_accuracy"] > 0.5
@@ -109,7 +136,7 @@ def test_diverged_trial_is_recorded_and_never_best(ray_runtime, tmp_path: Path) 
                     tracking={"enabled": False})
     job["space"] = {"learning_rate": {"type": "categorical", "choices": [1.0e12, 0.01]},
                     "optimizer": "SGD", "epochs": 3, "batch_size": 16}
-    result, out = _run(tmp_path, job)
+    result, out = run_job(tmp_path, job)
     assert result.exit_code == 0, result.output
     trials = {t["learning_rate"]: t for t in pq.read_table(out / "trials.parquet").to_pylist()}
     assert trials[1.0e12]["status"] == "diverged" and trials[1.0e12]["epochs_run"] == 1
@@ -141,7 +168,7 @@ def test_cnn_search_on_cifar10_with_augmentation(ray_runtime, tmp_path: Path) ->
     job["space"] = {"conv_blocks": {"type": "int", "low": 1, "high": 2}, "conv_channels": 8, "kernel_size": 3,
                     "num_hidden_layers": 1, "neurons_per_layer": 32, "learning_rate": 0.003,
                     "lr_schedule": "cosine", "epochs": 2, "batch_size": 32}
-    result, out = _run(tmp_path, job)
+    result, out = run_job(tmp_path, job)
     assert result.exit_code == 0, result.output
     best = _assert_every_output(tmp_path, out, trials=2)
     assert best["hyperparameters"]["conv_channels"] == 8
@@ -155,7 +182,7 @@ def test_resnet18_search_on_a_streamed_image_folder(ray_runtime, tmp_path: Path)
                     model={"kind": "resnet18", "weights": "none"}, search={"num_samples": 2})
     job["space"] = {"trainable_stages": {"type": "categorical", "choices": [2, 5]}, "backbone_lr_factor": 0.5,
                     "learning_rate": 0.01, "epochs": 1, "batch_size": 8, "image_size": 32}
-    result, out = _run(tmp_path, job)
+    result, out = run_job(tmp_path, job)
     assert result.exit_code == 0, result.output
     best = _assert_every_output(tmp_path, out, trials=2)
     assert best["hyperparameters"]["trainable_stages"] in (2, 5)
@@ -171,7 +198,7 @@ def test_missing_pretrained_weights_stop_the_search_before_any_trial(ray_runtime
     monkeypatch.delenv("NO_PROXY", raising=False)
     job = small_job(tmp_path, model={"kind": "resnet18", "weights": "IMAGENET1K_V1"})
     job["space"] = {"learning_rate": 0.01, "epochs": 1}
-    result, out = _run(tmp_path, job)
+    result, out = run_job(tmp_path, job)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "model.weights: IMAGENET1K_V1 is not in torch's cache and could not be downloaded" in result.output
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in result.output
@@ -185,7 +212,7 @@ def test_uri_storage_keeps_everything_at_the_uri(ray_runtime, tmp_path: Path,
     uri = f"file://{tmp_path / 'bucket'}/searches"
     job = small_job(tmp_path, storage=uri, search={"num_samples": 2})
     path = write_job(tmp_path / "job.yaml", job)
-    result = CliRunner().invoke(cli, ["run", str(path)])
+    result = cli_run("run", path)
     assert result.exit_code == 0, result.output
     assert f"outputs:  {uri}/t" in result.output
     remote = tmp_path / "bucket" / "searches" / "t"
@@ -197,15 +224,15 @@ def test_uri_storage_keeps_everything_at_the_uri(ray_runtime, tmp_path: Path,
     best = yaml.safe_load((remote / "best.yaml").read_text())
     assert best["test_accuracy"] > 0.5 and best["checkpoint"].startswith(f"{uri}/t/trial_")
 
-    shown = CliRunner().invoke(cli, ["best", f"{uri}/t"])
+    shown = cli_run("best", f"{uri}/t")
     assert shown.exit_code == 0 and best["trial_id"] in shown.output
-    again = CliRunner().invoke(cli, ["run", str(path)])
+    again = cli_run("run", path)
     assert again.exit_code == 2 and f"hpsearch resume {uri}/t" in again.output
     # Resume from the URI alone (the local mirror gone, as on another machine): nothing left to run.
     import shutil
 
     shutil.rmtree(tmp_path / "mirror")
-    resumed = CliRunner().invoke(cli, ["resume", f"{uri}/t"])
+    resumed = cli_run("resume", f"{uri}/t")
     assert resumed.exit_code == 0, resumed.output
     assert len(pq.read_table(remote / "trials.parquet")) == 2
 
@@ -213,7 +240,7 @@ def test_uri_storage_keeps_everything_at_the_uri(ray_runtime, tmp_path: Path,
 def test_time_budget_ends_the_search_cleanly(ray_runtime, tmp_path: Path) -> None:
     job = small_job(tmp_path, search={"num_samples": 20, "time_budget_s": 15}, tracking={"enabled": False})
     job["space"].update(epochs=300, batch_size=8)  # longer than the budget: running trials are cut
-    result, out = _run(tmp_path, job)
+    result, out = run_job(tmp_path, job)
     assert result.exit_code == 0, result.output  # a budget reached is a normal end, not an interruption
     assert "the time budget (15 s) ended the search after" in result.output
     trials = pq.read_table(out / "trials.parquet").to_pylist()
@@ -254,7 +281,7 @@ def test_tracking_to_an_mlflow_server(ray_runtime, tmp_path: Path) -> None:
                     "mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
                 time.sleep(0.5)
         job = small_job(tmp_path, tracking={"uri": uri}, search={"num_samples": 2})
-        result, out = _run(tmp_path, job)
+        result, out = run_job(tmp_path, job)
         assert result.exit_code == 0, result.output
         assert f"MLflow:   {uri}" in result.output
         client = MlflowClient(uri)

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import small_job
+from support import small_job
 
 from hpsearch.space import define_by_run, make_sampler
-from hpsearch.spec import SAMPLERS, validate
+from hpsearch.hyperparameters import SAMPLERS
+from hpsearch.spec import validate
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

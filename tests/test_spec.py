@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, small_job, write_job
+from support import REPO, small_job, write_job
 
 from hpsearch.cli import cli
 from hpsearch.errors import JobError

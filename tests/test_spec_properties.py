@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpsearch.errors import JobError
-from hpsearch.spec import DATASETS, HYPERPARAMETERS, MODEL_HYPERPARAMETERS, MODEL_KINDS, SAMPLERS, JobSpec, validate
+from hpsearch.hyperparameters import DATASETS, HYPERPARAMETERS, MODEL_HYPERPARAMETERS, MODEL_KINDS, SAMPLERS
+from hpsearch.spec import JobSpec, validate
 
 # "space.learning_rate.low: must be ...", "data[':']: unknown key ...": a field path, then the rule.
 FIELD = re.compile(r"^(name|seed|data|model|space|search|resources|tracking|storage|serach|extra|\[)[^:]*.*: \S")

@@ -18,7 +18,7 @@ def digits():
     return load(DataSpec(dataset="digits"), seed=0)
 
 
-def _run(data, config, state=None):
+def _train(data, config, state=None):
     reports: list[tuple[dict, dict | None]] = []
     train(config, data=data.for_trials(), model_spec=ModelSpec(), report=lambda m, s: reports.append((m, copy.deepcopy(s))),
           state=state, num_threads=1, seed=0)
@@ -26,7 +26,7 @@ def _run(data, config, state=None):
 
 
 def test_reports_every_epoch_and_learns(digits) -> None:
-    reports = _run(digits, {"epochs": 5, "learning_rate": 0.01, "batch_size": 32})
+    reports = _train(digits, {"epochs": 5, "learning_rate": 0.01, "batch_size": 32})
     assert [m["epoch"] for m, _ in reports] == [1, 2, 3, 4, 5]
     for m, state in reports:
         assert set(m) >= {"epoch", "train_loss", "val_loss", "val_accuracy", "diverged"}
@@ -38,15 +38,15 @@ def test_reports_every_epoch_and_learns(digits) -> None:
 
 def test_resumes_from_a_checkpoint_where_it_left_off(digits) -> None:
     config = {"epochs": 4, "learning_rate": 0.01, "batch_size": 32, "optimizer": "SGD", "momentum": 0.9}
-    full = _run(digits, config)
-    resumed = _run(digits, config, state=full[1][1])  # as if the trial crashed after epoch 2
+    full = _train(digits, config)
+    resumed = _train(digits, config, state=full[1][1])  # as if the trial crashed after epoch 2
     assert [m["epoch"] for m, _ in resumed] == [3, 4]
     # Same batches, same weights: the resumed run ends where the uninterrupted one did.
     assert resumed[-1][0]["val_loss"] == pytest.approx(full[-1][0]["val_loss"], rel=1e-4)
 
 
 def test_non_finite_loss_ends_the_trial_in_its_first_epoch(digits) -> None:
-    reports = _run(digits, {"epochs": 20, "learning_rate": 1e12, "optimizer": "SGD", "batch_size": 16})
+    reports = _train(digits, {"epochs": 20, "learning_rate": 1e12, "optimizer": "SGD", "batch_size": 16})
     assert len(reports) == 1
     metrics, state = reports[0]
     assert metrics["diverged"] is True and math.isnan(metrics["val_accuracy"]) and state is None

@@ -1,33 +1,20 @@
-"""Ray Tune glue on the driver: the callback that records every trial, the Optuna searcher, the
-failure limit. (The function every trial runs is in :mod:`hpsearch.trial`.)
-
-Imported only by :mod:`hpsearch.runner`, after it has decided how Ray must be configured (some
-of Ray's settings are read once, when ``ray`` is first imported).
-"""
+"""Tune callbacks on the driver: the one that keeps the search's record (the trial log, MLflow,
+a line per finished trial), the failure limit, and torch's import for the end of the search."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.schedulers.async_hyperband import _Bracket
-from ray.tune.search.optuna import OptunaSearch
 
-from hpsearch.results import trial_status
-from hpsearch.spec import resolve_hyperparameters
+from hpsearch.record.location import Remote
+from hpsearch.record.trial_log import RESULT_KEYS, TrialStatus, append_event, ended_trials, trial_status
 from hpsearch.tracking import Tracker
 
-logger = logging.getLogger("hpsearch.runner")
-
-# --------------------------------------------------------------------------------------------
-# Runs in the driver.
-# --------------------------------------------------------------------------------------------
+logger = logging.getLogger("hpsearch.search")
 
 
 class FailedTrialsLimit(tune.Stopper):
@@ -66,7 +53,7 @@ class SearchCallback(tune.Callback):
         self.limit = limit
         self._last: dict[str, dict[str, Any]] = {}
         self._started: set[str] = set()
-        self._ended: dict[str, str] = {}  # trial id -> status
+        self._ended: dict[str, TrialStatus] = {}
         self._ended_before: set[str] = set()  # ended before this resume
 
     def setup(self, **info: Any) -> None:
@@ -74,7 +61,7 @@ class SearchCallback(tune.Callback):
         # even where Tune's older snapshot restarts it (run_trial then returns at once).
         self._ended = ended_trials(Path(self.log_path))
         self._ended_before = set(self._ended)
-        self.limit.failed = sum(1 for status in self._ended.values() if status == "failed")
+        self.limit.failed = sum(1 for status in self._ended.values() if status is TrialStatus.FAILED)
         if self.tracker is not None:
             self.tracker.adopt_existing_runs()
 
@@ -93,8 +80,7 @@ class SearchCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if trial.trial_id in self._ended_before:
             return
-        keep = {k: result.get(k) for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "diverged",
-                                           "epoch_time_s", "time_total_s", "timestamp", "node_id", "node_ip")}
+        keep = {k: result.get(k) for k in RESULT_KEYS}
         self._last[trial.trial_id] = keep
         self._write({"event": "result", "trial_id": trial.trial_id, **keep})
         if self.tracker is not None:
@@ -121,7 +107,7 @@ class SearchCallback(tune.Callback):
         if self.tracker is not None:
             self.tracker.trial_ended(trial.trial_id, status, error)
         self._ended[trial.trial_id] = status
-        if status == "failed":
+        if status is TrialStatus.FAILED:
             self.limit.failed += 1
         value = (last or {}).get(self.metric)
         shown = f"{self.metric} {value:.4f}" if isinstance(value, float) and math.isfinite(value) else ""
@@ -135,8 +121,6 @@ class SearchCallback(tune.Callback):
         """With a URI storage, keep the log beside Tune's state there: a resume elsewhere needs it."""
         if not self.upload_to:
             return
-        from hpsearch.storage import Remote
-
         try:
             if self._remote is None:  # made here, not in __init__: Tune pickles its callbacks
                 self._remote = Remote(self.upload_to)
@@ -152,13 +136,13 @@ class SearchCallback(tune.Callback):
         for trial in trials:
             if trial.trial_id in self._started and trial.trial_id not in self._ended and self.tracker is not None:
                 # Stopped by Ctrl-C / SIGTERM: it continues on resume; until then its run is KILLED.
-                self.tracker.trial_ended(trial.trial_id, "interrupted")
+                self.tracker.trial_ended(trial.trial_id, TrialStatus.INTERRUPTED)
 
 
 class ImportTorchWhenTrialsRun(tune.Callback):
-    """The driver needs torch at the end (the test score): import it once the first trial has
-    reported, in a thread. Earlier, it would compete with the trials' workers importing theirs;
-    at the end, it would add its seconds to the search's."""
+    """The driver needs torch at the end (the test score, through :mod:`hpsearch.trainable`):
+    import it once the first trial has reported, in a thread. Earlier, it would compete with the
+    trials' workers importing theirs; at the end, it would add its seconds to the search's."""
 
     def __init__(self) -> None:
         self._started = False
@@ -169,7 +153,7 @@ class ImportTorchWhenTrialsRun(tune.Callback):
             import threading
 
             self._started = True
-            threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
+            threading.Thread(target=importlib.import_module, args=("hpsearch.trainable",), daemon=True).start()
 
 
 def _last_result(trial: Any) -> dict[str, Any] | None:
@@ -191,113 +175,3 @@ def _error_text(trial: Any) -> str | None:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     # Ray wraps the user's exception; its last line is "Name: message".
     return lines[-1][:500] if lines else None
-
-
-def ended_trials(path: Path) -> dict[str, str]:
-    """Trial id -> status of every trial our log saw end (and not start again since)."""
-    ended: dict[str, str] = {}
-    for e in read_events(path):
-        if e["event"] == "start":
-            ended.pop(e["trial_id"], None)
-        elif e["event"] == "end":
-            ended[e["trial_id"]] = e["status"]
-    return ended
-
-
-def append_event(path: Path, event: dict[str, Any]) -> None:
-    """One line of the trial log."""
-    event.setdefault("time", time.time())
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(event, default=str) + "\n")
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed driver: the rest is intact
-    return events
-
-
-# --------------------------------------------------------------------------------------------
-# Optuna through Tune, told the truth about early-stopped trials.
-# --------------------------------------------------------------------------------------------
-
-
-class HonestOptunaSearch(OptunaSearch):
-    """OptunaSearch that reports an ASHA-stopped trial to Optuna as PRUNED, not COMPLETE.
-
-    Ray's OptunaSearch tells Optuna COMPLETE with the early, partial-budget value, so TPE compares
-    a 1-epoch result with full runs as if both were final. Pruned (with its intermediate values,
-    already reported per epoch) is the honest signal; TPE ranks pruned trials by how far they got.
-    A diverged trial (NaN) is reported FAIL, never RUNNING.
-    """
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        import optuna
-
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials or error or not result:
-            return super().on_trial_complete(trial_id, result, error)
-        value = result.get(self.metric)
-        # Tune hands searchers the result flattened: the config comes as "config/<name>" keys.
-        config = {k[len("config/"):]: v for k, v in result.items() if k.startswith("config/")}
-        status = trial_status(config, result, None)
-        State = optuna.trial.TrialState
-        try:
-            if status == "diverged" or not (isinstance(value, (int, float)) and math.isfinite(value)):
-                self._ot_study.tell(ot_trial, None, state=State.FAIL)
-            elif status == "stopped early":
-                self._ot_study.tell(ot_trial, None, state=State.PRUNED)
-            else:
-                self._ot_study.tell(ot_trial, value, state=State.COMPLETE)
-        except RuntimeError as e:
-            # GridSampler calls study.stop() once the grid is done, which raises outside
-            # study.optimize(); the trial's state is recorded all the same.
-            logger.debug("optuna: %s", e)
-        self._completed_trials.add(trial_id)
-
-
-# --------------------------------------------------------------------------------------------
-# ASHA that compares like with like.
-# --------------------------------------------------------------------------------------------
-
-
-def planned_epochs(config: dict[str, Any]) -> int:
-    """The epochs a trial plans to train (its ``epochs``, or the default)."""
-    return int(resolve_hyperparameters(config)["epochs"])
-
-
-class ASHAByLength(ASHAScheduler):
-    """ASHA whose rungs compare a trial only with trials that plan as many epochs as it does.
-
-    The learning rate follows each trial's own schedule over its planned epochs (cosine by
-    default). At a shared rung the shorter trial is further down its schedule: by epoch 6 a
-    10-epoch trial trains at 35% of its learning rate and a 50-epoch one at 95%, so the short one
-    looks better whatever its other hyperparameters. Measured (benchmarks/search_quality.py,
-    jobs/mnist.yaml's space on Fashion-MNIST, seed 0): with one set of rungs, 51 of TPE's 69
-    trials planned 10 epochs, the fewest the space allows, since mostly short trials got past
-    the rungs and TPE learns from the trials that finish; the best trial was a 10-epoch one.
-    With a set of rungs per planned length, every length is pruned at the same rate.
-
-    Relies on Tune internals (``_Bracket``, ``_trial_info``, ``_max_t``), checked against Ray 2.60.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._grace_period = kwargs.get("grace_period", 1)
-        self._by_length: dict[int, _Bracket] = {}
-
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        super().on_trial_add(tune_controller, trial)  # checks metric and mode
-        length = min(planned_epochs(trial.config), self._max_t)
-        bracket = self._by_length.get(length)
-        if bracket is None:
-            # Rungs as for the whole search (grace_period x reduction_factor^k), up to this length.
-            bracket = self._by_length[length] = _Bracket(min(self._grace_period, length), length,
-                                                         self._reduction_factor, 0)
-        self._trial_info[trial.trial_id] = bracket

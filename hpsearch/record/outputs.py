@@ -1,4 +1,5 @@
-"""Trial records → ``trials.parquet``, ``epochs.parquet``, ``best.yaml`` and ``job.yaml``.
+"""What a search writes for its users: trial records → ``trials.parquet``, ``epochs.parquet``,
+``best.yaml`` (+ ``best_model.pt``) and ``job.yaml``; and reading ``best.yaml`` back.
 
 Every file is written to a temporary name and renamed into place, so a reader never sees half a
 file. The best trial's checkpoint is scored once on the held-out test set; no other trial ever
@@ -7,73 +8,64 @@ touches it.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, TypedDict
 
 import yaml
 
 from hpsearch.errors import SearchError
-from hpsearch.spec import HYPERPARAMETERS, hyperparameter_names, resolve_hyperparameters
+from hpsearch.hyperparameters import HYPERPARAMETERS, hyperparameter_names
+from hpsearch.record.location import Remote, is_uri
+from hpsearch.record.trial_log import EPOCH_METRICS, LOG_FILE, STATE_FILE, TrialRecord, choose_best, is_finite
 
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 BEST_FILE = "best.yaml"
 JOB_FILE = "job.yaml"
 MODEL_FILE = "best_model.pt"
-TRIAL_LOG = "hpsearch_trials.jsonl"  # our own record of what every trial did (raytune writes it)
-
-EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy")
-
-
-def trial_status(config: Mapping[str, Any], last: Mapping[str, Any] | None, error: str | None) -> str:
-    """How a trial that ended came out, from its config, last reported result and error."""
-    if error:
-        return "failed"
-    if not last:
-        return "not run"
-    if last.get("diverged"):
-        return "diverged"
-    if int(last.get("epoch", 0)) < int(resolve_hyperparameters(config)["epochs"]):
-        return "stopped early"
-    return "completed"
+# What a search leaves in its folder beside Tune's files (uploaded beside them for a URI storage).
+DRIVER_FILES = (JOB_FILE, TRIALS_FILE, EPOCHS_FILE, BEST_FILE, MODEL_FILE, LOG_FILE, STATE_FILE)
 
 
-@dataclass
-class TrialRecord:
-    """What one trial did, as plain data (the runner builds these from Ray's results)."""
+class Validation(TypedDict):
+    train_loss: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+
+
+class Retrained(TypedDict):
+    """The best configuration retrained on train + validation, once per seed (``search.final``)."""
 
     trial_id: str
-    config: dict[str, Any]
-    epochs: list[dict[str, Any]] = field(default_factory=list)  # one reported result per epoch
-    error: str | None = None
-    checkpoints: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (folder, its result)
-    ended: bool = True  # False: still running when the search stopped (it continues on resume)
-    model_kind: str | None = None  # the hyperparameters shown are the ones this model uses
-
-    @property
-    def hyperparameters(self) -> dict[str, Any]:
-        return resolve_hyperparameters(self.config, self.model_kind)
-
-    @property
-    def status(self) -> str:
-        if not self.ended and not self.error:
-            return "interrupted"
-        return trial_status(self.config, self.epochs[-1] if self.epochs else None, self.error)
-
-    def best_epoch(self, metric: str, mode: str) -> dict[str, Any] | None:
-        scored = [e for e in self.epochs if _finite(e.get(metric))]
-        if not scored or self.status in ("failed", "diverged"):
-            return None
-        pick = max if mode == "max" else min
-        return pick(scored, key=lambda e: e[metric])
+    epochs: int
+    train_samples: int
+    seeds: list[int]
+    test_accuracy: list[float]  # one per seed
+    mean: float | None
+    std: float | None
+    time_s: float
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+class BestRecord(TypedDict, total=False):
+    """``best.yaml``: the best trial, its epoch and hyperparameters, its checkpoint's test score."""
+
+    trial_id: str
+    status: str
+    metric: str
+    mode: str
+    epoch: int
+    hyperparameters: dict[str, Any]
+    validation: Validation
+    test_accuracy: float | None  # the best checkpoint's, trained on the training split
+    checkpoint: str | None
+    retrained: Retrained  # when search.final ran for this trial
+
+
+# ``test_score(checkpoint_dir, config)``: the best checkpoint's test accuracy, and a function that
+# writes its model to an open binary file (or None).
+TestScore = Callable[[str, Mapping[str, Any]], "tuple[float, Callable[[BinaryIO], None] | None]"]
 
 
 def trial_rows(records: Iterable[TrialRecord], *, metric: str, mode: str) -> list[dict[str, Any]]:
@@ -81,13 +73,13 @@ def trial_rows(records: Iterable[TrialRecord], *, metric: str, mode: str) -> lis
     for r in records:
         last = r.epochs[-1] if r.epochs else {}
         best = r.best_epoch(metric, mode)
-        row: dict[str, Any] = {"trial_id": r.trial_id, "status": r.status, "error": r.error}
+        row: dict[str, Any] = {"trial_id": r.trial_id, "status": r.status.value, "error": r.error}
         row.update(r.hyperparameters)
         row["epochs_run"] = int(last.get("epoch", 0))  # `epochs` is the hyperparameter (planned)
         for m in EPOCH_METRICS:
             row[f"last_{m}"] = _float(last.get(m))
         for m in EPOCH_METRICS:
-            values = [e[m] for e in r.epochs if _finite(e.get(m))] if r.status not in ("failed", "diverged") else []
+            values = [e[m] for e in r.epochs if is_finite(e.get(m))] if r.scored else []
             row[f"best_{m}"] = (max(values) if m == "val_accuracy" else min(values)) if values else None
         row["best_epoch"] = int(best["epoch"]) if best else None
         row["time_total_s"] = _float(last.get("time_total_s"))
@@ -117,24 +109,6 @@ def _float(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def choose_best(records: Iterable[TrialRecord], *, metric: str, mode: str) -> tuple[TrialRecord, dict[str, Any]] | None:
-    """The trial (and epoch) with the best value of ``metric``; failed and diverged trials never win."""
-    candidates = [(r, e) for r in records if (e := r.best_epoch(metric, mode)) is not None]
-    if not candidates:
-        return None
-    pick = max if mode == "max" else min
-    return pick(candidates, key=lambda item: item[1][metric])
-
-
-def best_checkpoint(record: TrialRecord, *, metric: str, mode: str) -> str | None:
-    """The retained checkpoint with the best ``metric`` (Tune keeps the best one and the latest)."""
-    scored = [(path, res) for path, res in record.checkpoints if _finite(res.get(metric))]
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda item: item[1][metric])[0]
-
-
 # --------------------------------------------------------------------------------------------
 # Writing.
 # --------------------------------------------------------------------------------------------
@@ -146,15 +120,14 @@ def write_outputs(
     *,
     metric: str,
     mode: str,
-    test_score: Callable[[str, dict[str, Any]], tuple[float, Any]] | None = None,
-    final: Mapping[str, Any] | None = None,
-) -> dict[str, Any] | None:
-    """Write the Parquet tables and ``best.yaml``; returns the best summary (None if no trial ran).
+    test_score: TestScore | None = None,
+    final: Retrained | None = None,
+) -> BestRecord | None:
+    """Write the Parquet tables and ``best.yaml``; returns the best record (None if no trial ran).
 
-    ``test_score(checkpoint_dir, config)`` returns (test accuracy, model state) for the best
-    trial's checkpoint; the state is saved as ``best_model.pt``. ``final``: the best
-    configuration's retraining on train + validation (seeds, each one's test accuracy, mean, std),
-    kept in ``best.yaml`` as ``retrained`` when it is of the best trial.
+    ``test_score`` scores the best trial's checkpoint on the test set; the model it returns is
+    saved as ``best_model.pt``. ``final``: the best configuration's retraining on train +
+    validation, kept in ``best.yaml`` as ``retrained`` when it is of the best trial.
     """
     kind = records[0].model_kind if records else None
     write_parquet(out_dir / TRIALS_FILE, trial_rows(records, metric=metric, mode=mode), _trial_schema(kind))
@@ -165,29 +138,27 @@ def write_outputs(
         (out_dir / BEST_FILE).unlink(missing_ok=True)
         return None
     record, epoch = chosen
-    best: dict[str, Any] = {
+    best: BestRecord = {
         "trial_id": record.trial_id,
-        "status": record.status,
+        "status": record.status.value,
         "metric": metric,
         "mode": mode,
         "epoch": int(epoch["epoch"]),
         "hyperparameters": record.hyperparameters,
-        "validation": {m: _float(epoch.get(m)) for m in EPOCH_METRICS},
+        "validation": {m: _float(epoch.get(m)) for m in EPOCH_METRICS},  # type: ignore[typeddict-item]
         "test_accuracy": None,
         "checkpoint": None,
     }
-    ckpt = best_checkpoint(record, metric=metric, mode=mode)
+    ckpt = record.best_checkpoint(metric=metric, mode=mode)
     if ckpt is not None:
         best["checkpoint"] = ckpt
         if test_score is not None:
-            accuracy, state = test_score(ckpt, record.config)
+            accuracy, write_model = test_score(ckpt, record.config)
             best["test_accuracy"] = round(float(accuracy), 6)
-            if state is not None:
-                import torch
-
-                _atomic(out_dir / MODEL_FILE, lambda f: torch.save(state, f), binary=True)
+            if write_model is not None:
+                atomic_write(out_dir / MODEL_FILE, write_model, binary=True)
     if final and final.get("trial_id") == record.trial_id:
-        best["retrained"] = dict(final)
+        best["retrained"] = dict(final)  # type: ignore[typeddict-item]
     write_yaml(out_dir / BEST_FILE, best)
     return best
 
@@ -220,14 +191,14 @@ def write_parquet(path: Path, rows: list[dict[str, Any]], schema: Any) -> None:
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=schema)
-    _atomic(path, lambda f: pq.write_table(table, f), binary=True)
+    atomic_write(path, lambda f: pq.write_table(table, f), binary=True)
 
 
 def write_yaml(path: Path, data: Mapping[str, Any]) -> None:
-    _atomic(path, lambda f: yaml.safe_dump(dict(data), f, sort_keys=False), binary=False)
+    atomic_write(path, lambda f: yaml.safe_dump(dict(data), f, sort_keys=False), binary=False)
 
 
-def _atomic(path: Path, write: Callable[[Any], None], *, binary: bool) -> None:
+def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -244,26 +215,24 @@ def _atomic(path: Path, write: Callable[[Any], None], *, binary: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def read_best(search_dir: str | Path) -> dict[str, Any]:
+def read_best(search: str | Path) -> BestRecord:
     """``best.yaml`` of a search: its folder, or ``<storage>/<name>`` as a URI."""
-    if "://" in str(search_dir):
-        from hpsearch.storage import Remote
-
-        remote = Remote(str(search_dir))
+    if is_uri(str(search)):
+        remote = Remote(str(search))
         if not remote.exists(BEST_FILE):
-            raise SearchError(f"{search_dir}: no {BEST_FILE}; the search has not finished, no trial succeeded, "
+            raise SearchError(f"{search}: no {BEST_FILE}; the search has not finished, no trial succeeded, "
                               "or this is no search")
         return yaml.safe_load(remote.read_bytes(BEST_FILE))
-    path = Path(search_dir) / BEST_FILE
+    path = Path(search) / BEST_FILE
     if not path.is_file():
-        if not Path(search_dir).is_dir():
-            raise SearchError(f"{search_dir}: no such folder; give <storage>/<name> of a search")
-        raise SearchError(f"{search_dir}: no {BEST_FILE}; the search has not finished or no trial succeeded "
+        if not Path(search).is_dir():
+            raise SearchError(f"{search}: no such folder; give <storage>/<name> of a search")
+        raise SearchError(f"{search}: no {BEST_FILE}; the search has not finished or no trial succeeded "
                           f"(see {TRIALS_FILE})")
     return yaml.safe_load(path.read_text())
 
 
 def top_trials(rows: list[dict[str, Any]], *, metric: str, mode: str, n: int = 5) -> list[dict[str, Any]]:
     key = f"best_{metric}"
-    scored = [r for r in rows if _finite(r.get(key))]
+    scored = [r for r in rows if is_finite(r.get(key))]
     return sorted(scored, key=lambda r: r[key], reverse=(mode == "max"))[:n]

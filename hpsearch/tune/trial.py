@@ -1,0 +1,86 @@
+"""The functions Ray runs in a trial's worker process: every trial, and each final retraining.
+
+Kept apart from the driver's modules so that a worker imports only Ray Tune and
+:mod:`hpsearch.trainable` (torch) when it starts: every second of imports there delays the first
+trials.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from hpsearch.data import Dataset
+from hpsearch.record import checkpoints
+from hpsearch.record.location import join, read_file, trial_dirname
+from hpsearch.spec import ModelSpec
+
+
+def run_trial(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, seed: int, cpus: float, gpus: float,
+              search_dir: str = "", ended: frozenset[str] = frozenset(), pretrained: Any = None) -> None:
+    """Tune's trainable: adapts :func:`hpsearch.trainable.train` to ``tune.report`` and checkpoints.
+
+    ``search_dir``: the search's folder in the storage (a path or a URI), where the trial's
+    checkpoints are kept.
+    ``ended``: on resume, the trials our log saw end. Tune restores from its last experiment
+    snapshot, which can be older than a trial's end; such a trial must not run again (an
+    ASHA-stopped one would otherwise train to its full budget).
+    ``pretrained``: ResNet-18's starting weights, read once by the driver.
+    """
+    from hpsearch import trainable
+
+    trial_id = tune.get_context().get_trial_id()
+    if trial_id in ended:
+        return
+
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = trainable.load_state((Path(folder) / checkpoints.STATE_FILE).read_bytes())
+    elif search_dir:
+        # After a killed driver, Tune restores from its last experiment snapshot, which may predate
+        # the trial's newest checkpoints (or all of them); those are on disk all the same.
+        state = _newest_state(join(search_dir, trial_dirname(trial_id)))
+
+    # Which node ran each epoch: on a cluster, where a trial moved after a node was lost.
+    node_id = ray.get_runtime_context().get_node_id()
+
+    def report(metrics: dict[str, Any], to_save: dict[str, Any] | None) -> None:
+        metrics = {**metrics, "node_id": node_id}
+        if to_save is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            trainable.save_state(to_save, Path(folder) / checkpoints.STATE_FILE)
+            (Path(folder) / checkpoints.METRICS_FILE).write_text(json.dumps(metrics))  # last: it is whole
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    trainable.train_on_device(config, data=data, model_spec=model_spec, report=report, state=state, gpus=gpus,
+                              cpus=cpus, seed=seed, pretrained=pretrained)
+
+
+def _newest_state(trial_location: str) -> dict[str, Any] | None:
+    """The state of the newest readable checkpoint in a trial's folder (a local path or a URI)."""
+    from hpsearch import trainable
+
+    for folder in checkpoints.newest_first(trial_location):
+        try:
+            return trainable.load_state(read_file(f"{folder}/{checkpoints.STATE_FILE}"))
+        except Exception:  # a checkpoint cut short by the kill: try the one before
+            continue
+    return None
+
+
+def retrain_task(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, epochs: int, seed: int,
+                 cpus: float, gpus: float, pretrained: Any = None) -> float:
+    """One retraining of the best configuration (a Ray task): its test accuracy."""
+    from hpsearch import trainable
+
+    return trainable.retrain_on_device(config, data=data, model_spec=model_spec, epochs=epochs, seed=seed,
+                                       gpus=gpus, cpus=cpus, pretrained=pretrained)
