@@ -10,12 +10,17 @@ Ray 2.60; a Ray upgrade must re-check it (tests/test_failures.py's resume tests 
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
+import os
 import re
+import tempfile
+from pathlib import Path
 
 from hpsearch.errors import SearchError
 from hpsearch.record import checkpoints
-from hpsearch.record.location import copy_folder, join, list_files, read_file
+from hpsearch.record.location import Remote, copy_folder, is_uri, join, list_files, read_file
 
 SNAPSHOT_PREFIX, SNAPSHOT_SUFFIX = "experiment_state-", ".json"
 
@@ -23,18 +28,21 @@ logger = logging.getLogger("hpsearch.search")
 
 
 def repair(experiment: str, *, name: str) -> list[str]:
-    """The repairs, before Tune restores ``experiment`` (``name``: the search's name); returns what
-    was done, said for users. A repair that cannot check what it checks is a warning: Tune's own
-    restore then says what is wrong.
+    """Both repairs, in order, before Tune restores ``experiment`` (``name``: the search's name);
+    returns what was done, said for users. A repair that cannot check what it checks is a warning:
+    Tune's own restore then says what is wrong. A snapshot that cannot be repaired is a SearchError.
     """
     done = []
     try:
+        cut = repair_cut_snapshot(experiment, name=name)
         restored = restore_missing_checkpoints(experiment)
     except SearchError:
         raise
     except Exception as e:
         logger.warning("could not check Tune's last snapshot and the checkpoints it names: %s", e)
         return done
+    if cut:
+        done.append(cut)
     if restored:
         done.append(f"put back {len(restored)} checkpoint(s) that Tune's last snapshot names but the trials had "
                     "deleted since (they continue from their newest)")
@@ -71,3 +79,66 @@ def restore_missing_checkpoints(experiment: str) -> list[str]:
             copy_folder(whole[-1], target)
             restored.append(target)
     return restored
+
+
+def repair_cut_snapshot(experiment: str, *, name: str) -> str | None:
+    """Make the newest experiment snapshot a whole one, if a kill cut it short. Returns what was done.
+
+    Tune writes the snapshot in its driver's staging folder (in Ray's temp folder) and then copies
+    it beside the trials, not atomically: a SIGKILL during that copy leaves it empty or cut, and
+    Tune's restore fails on it with a JSON error. The staging copy is usually still whole (the
+    killed driver's Ray session folder stays): it is put back. Failing that, the cut snapshot is
+    set aside (renamed ``*.cut``), so that Tune restores from the snapshot before it; with none,
+    a SearchError says so (rather than Tune's JSON error).
+    ``name``: the experiment's folder name (the search's), as in the staging path.
+    """
+    snapshots = list_files(experiment, SNAPSHOT_PREFIX, SNAPSHOT_SUFFIX)
+    if not snapshots or _whole_json(read_file(join(experiment, snapshots[-1]))):
+        return None
+    newest = snapshots[-1]
+    for staged in sorted(glob.glob(os.path.join(_ray_temp_dir(), "session_*", "artifacts", "*", name,
+                                                "driver_artifacts", newest))):
+        data = Path(staged).read_bytes()
+        if _whole_json(data):
+            _replace(experiment, newest, data)
+            return f"put back Tune's snapshot {newest}, cut short by the kill, from its staging copy {staged}"
+    if any(_whole_json(read_file(join(experiment, older))) for older in snapshots[:-1]):
+        _replace(experiment, newest + ".cut", read_file(join(experiment, newest)))
+        _delete(experiment, newest)
+        return f"set aside Tune's snapshot {newest}, cut short by the kill: the search resumes from the one before"
+    raise SearchError(f"{experiment}: Tune's snapshot {newest} was cut short (its driver was killed while writing "
+                      "it) and no whole copy of it is left, so Tune cannot restore the search; the trials it ran "
+                      "are in hpsearch_trials.jsonl. Start it again under a new name (`--set name=...`)")
+
+
+def _whole_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+def _ray_temp_dir() -> str:
+    """Ray's temp folder, as Ray picks it (``ray._common.utils.get_default_ray_temp_dir``)."""
+    root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(root, "ray")
+
+
+def _replace(experiment: str, name: str, data: bytes) -> None:
+    if is_uri(experiment):
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / name).write_bytes(data)
+            Remote(experiment).upload(Path(folder) / name, name)
+        return
+    tmp = Path(experiment) / f".{name}.part"
+    tmp.write_bytes(data)
+    os.replace(tmp, Path(experiment) / name)
+
+
+def _delete(experiment: str, name: str) -> None:
+    if is_uri(experiment):
+        remote = Remote(experiment)
+        remote.fs.delete_file(f"{remote.path}/{name}")
+    else:
+        (Path(experiment) / name).unlink()
