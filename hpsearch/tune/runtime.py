@@ -70,8 +70,10 @@ def init_ray(address: str | None) -> bool:
         if address is None:
             # Ray starts idle worker processes for the first driver's tasks; Tune's trials run in
             # actors, which get workers of their own, so on a small machine those only steal CPU
-            # from the set-up.
-            ray.init(include_dashboard=False, _system_config={"prestart_worker_first_driver": False}, **kwargs)
+            # from the set-up. "local": a Ray of our own, even where `ray start` runs a cluster on
+            # this machine (ray.init() would join that one; --address does that when asked).
+            ray.init(address="local", include_dashboard=False,
+                     _system_config={"prestart_worker_first_driver": False}, **kwargs)
         else:
             ray.init(address=address, **kwargs)
     except Exception as e:
