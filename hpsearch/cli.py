@@ -50,6 +50,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     hpsearch validate jobs/mnist.yaml     check a job file, start nothing
     hpsearch run jobs/digits.yaml         run a search on the embedded local Ray
     hpsearch best hpsearch_runs/digits-mlp
+    hpsearch status hpsearch_runs/digits-mlp   (running or finished)
+    hpsearch report hpsearch_runs/digits-mlp   (an HTML page of the search)
     hpsearch submit jobs/mnist.yaml --address http://HEAD:8265 --follow   on a Ray cluster
     """
     ctx.meta["hpsearch.debug"] = debug
@@ -184,6 +186,43 @@ def best(search_dir: str) -> None:
         click.echo(f"checkpoint: {b['checkpoint']}")
 
 
+@cli.command()
+@click.argument("search_dir")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Where to write the page (default: report.html in the search folder).")
+def report(search_dir: str, output: Path | None) -> None:
+    """Write a search's HTML report: history, learning curves, importances, every trial.
+
+    One self-contained page (it opens offline); a running search gets one too. SEARCH_DIR is
+    <storage>/<name>, a folder or a URI.
+
+    Example: hpsearch report hpsearch_runs/mnist-mlp -o mnist.html
+    """
+    from hpsearch.report import write_report
+
+    click.echo(f"report: {write_report(search_dir, output)}")
+
+
+@cli.command()
+@click.argument("search_dir")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (schema: README, Status).")
+def status(search_dir: str, as_json: bool) -> None:
+    """Where a running or finished search stands; reads its files only, never starts Ray.
+
+    Example: hpsearch status hpsearch_runs/mnist-mlp --json
+    """
+    import json
+
+    from hpsearch.status import describe, read_status
+
+    s = read_status(search_dir)
+    if as_json:
+        click.echo(json.dumps(s.to_dict(), indent=2))
+    else:
+        for line in describe(s):
+            click.echo(line)
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -208,7 +247,8 @@ def _print_summary(s: SearchSummary) -> None:
         final = s.best.get("retrained")
         if final:
             click.echo(f"      retrained on train + validation: test_accuracy {_retrained(final)}")
-    click.echo(f"\noutputs:  {s.location or s.search_dir}  (trials.parquet, epochs.parquet, best.yaml, job.yaml)")
+    click.echo(f"\noutputs:  {s.location or s.search_dir}  (trials.parquet, epochs.parquet, best.yaml, job.yaml, "
+               "report.html)")
     if s.tracking_uri:
         click.echo(f"MLflow:   {s.tracking_uri}  (parent run {s.parent_run_id}); "
                    f"view with: mlflow ui --backend-store-uri {s.tracking_uri}")

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -121,6 +122,9 @@ def run(job: JobSpec, where: SearchLocation, *, address: str | None, resume: boo
 
     tracker = _tracker(job, where)
     new_parent = tracker is not None and tracker.parent_run_id is None
+    trial_log.update_state(where.local, driver={"pid": os.getpid(), "host": socket.gethostname(),
+                                                "started": time.time()})  # for `hpsearch status`
+    where.upload(trial_log.STATE_FILE)
     with runtime.SetUp(address) as setup:  # on an error in here, what was set up is undone
         data_f = setup.in_thread(_load_data, job)
         runtime.import_ray(address)
@@ -200,7 +204,7 @@ def _tracker(job: JobSpec, where: SearchLocation) -> Tracker | None:
 def _start_tracking(tracker: Tracker, job: JobSpec, where: SearchLocation) -> None:
     """MLflow's parent run for a new search, its id kept for a resume."""
     tracker.start(job=job.to_dict(), run_name=job.name, job_file=where.local / outputs.JOB_FILE)
-    trial_log.write_state(where.local, {"tracking_uri": tracker.uri, "parent_run_id": tracker.parent_run_id})
+    trial_log.update_state(where.local, tracking_uri=tracker.uri, parent_run_id=tracker.parent_run_id)
     where.upload(trial_log.STATE_FILE)
 
 
@@ -232,15 +236,39 @@ def _write_outputs(job: JobSpec, where: SearchLocation, records: list[TrialRecor
     best = outputs.write_outputs(where.local, records, metric=job.search.metric, mode=job.search.mode,
                                  test_score=test_score, final=final)
     outputs.write_yaml(where.local / outputs.JOB_FILE, job.to_dict())
+    trial_log.update_state(where.local, ended=time.time(), stop_reason=reason.value if reason else None)
+    _write_study(job, where, records)
+    _write_report(where)
     if tracker is not None:
         # One child run per trial of the search, with our status; orphans and duplicates closed.
         tracker.reconcile({r.trial_id: r.status for r in records})
-        files = [where.local / name for name in (outputs.BEST_FILE, outputs.TRIALS_FILE, outputs.EPOCHS_FILE)]
+        files = [where.local / name for name in (outputs.BEST_FILE, outputs.TRIALS_FILE, outputs.EPOCHS_FILE,
+                                                 outputs.REPORT_FILE)]
         interrupted = reason in (StopReason.INTERRUPTED, StopReason.INTERRUPTED_IN_FINAL)
         tracker.finish(best=best, files=files, model_file=where.local / outputs.MODEL_FILE,
                        status="KILLED" if interrupted else ("FINISHED" if best else "FAILED"))
     where.upload(*outputs.DRIVER_FILES)
     return best
+
+
+def _write_study(job: JobSpec, where: SearchLocation, records: list[TrialRecord]) -> None:
+    """``optuna.journal`` rewritten from the records; a failure is a warning, never a lost search."""
+    from hpsearch.record import study
+
+    try:
+        study.write_study(where.local, job, records)
+    except Exception as e:
+        logger.warning("could not write the Optuna study %s: %s", outputs.STUDY_FILE, e)
+
+
+def _write_report(where: SearchLocation) -> None:
+    """``report.html``; a report that cannot be written is a warning, never a lost search."""
+    from hpsearch import report
+
+    try:
+        report.write_report(SearchLocation(where.local, str(where.local)))  # read from the local files
+    except Exception as e:
+        logger.warning("could not write %s: %s", outputs.REPORT_FILE, e)
 
 
 def _summary(job: JobSpec, where: SearchLocation, records: list[TrialRecord], *, best: BestRecord | None,

@@ -134,3 +134,18 @@ def make_sampler(job: JobSpec) -> optuna.samplers.BaseSampler:
     if name == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
     raise ValueError(f"unknown sampler {name!r}")  # spec validation makes this unreachable
+
+
+def distributions(job: JobSpec) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Optuna's distribution of each searched hyperparameter (what ``define_by_run`` suggests from)."""
+    import optuna.distributions as d
+
+    out: dict[str, Any] = {}
+    for name, p in job.space:
+        if isinstance(p, IntParam):
+            out[name] = d.IntDistribution(p.low, p.high, log=p.log, step=p.step)
+        elif isinstance(p, FloatParam):
+            out[name] = d.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+        elif isinstance(p, CategoricalParam):
+            out[name] = d.CategoricalDistribution(list(p.choices))
+    return out

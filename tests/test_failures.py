@@ -208,6 +208,21 @@ def _stop_and_resume(tmp_path: Path, sig: signal.Signals) -> None:
     assert load_job(out / "job.yaml").search.num_samples == 5
     assert json.loads((out / "hpsearch_state.json").read_text())["parent_run_id"]
 
+    # The Optuna study in the search folder: the search's trials exactly, as hpsearch recorded them.
+    import optuna
+
+    from hpsearch.record.study import storage
+
+    study = optuna.load_study(study_name="t", storage=storage(out / "optuna.journal"))
+    assert sorted(t.user_attrs["hpsearch_trial_id"] for t in study.trials) == sorted(r["trial_id"] for r in rows)
+    assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
+    # Every epoch the record has, across the stop (a hard kill can lose the epoch being logged then).
+    recorded: dict[str, set] = {}
+    for e in pq.read_table(out / "epochs.parquet").to_pylist():
+        recorded.setdefault(e["trial_id"], set()).add(e["epoch"])
+    assert {t.user_attrs["hpsearch_trial_id"]: set(t.intermediate_values) for t in study.trials} == recorded
+    assert all(len(epochs) >= 10 for epochs in recorded.values())
+
 
 def test_sigkill_then_resume_completes_the_search(tmp_path: Path) -> None:
     _stop_and_resume(tmp_path, signal.SIGKILL)

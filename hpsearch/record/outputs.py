@@ -25,8 +25,11 @@ EPOCHS_FILE = "epochs.parquet"
 BEST_FILE = "best.yaml"
 JOB_FILE = "job.yaml"
 MODEL_FILE = "best_model.pt"
+REPORT_FILE = "report.html"  # hpsearch.report writes it
+STUDY_FILE = "optuna.journal"  # hpsearch.record.study writes it
 # What a search leaves in its folder beside Tune's files (uploaded beside them for a URI storage).
-DRIVER_FILES = (JOB_FILE, TRIALS_FILE, EPOCHS_FILE, BEST_FILE, MODEL_FILE, LOG_FILE, STATE_FILE)
+DRIVER_FILES = (JOB_FILE, TRIALS_FILE, EPOCHS_FILE, BEST_FILE, MODEL_FILE, REPORT_FILE, STUDY_FILE, LOG_FILE,
+                STATE_FILE)
 
 
 class Validation(TypedDict):

@@ -30,7 +30,10 @@ from hpsearch.record.location import join, trial_dirname
 from hpsearch.spec import JobSpec
 
 LOG_FILE = "hpsearch_trials.jsonl"
-STATE_FILE = "hpsearch_state.json"  # the driver's state for a resume: MLflow's URI and parent run id
+# The driver's state: MLflow's URI and parent run id (for a resume); the driver that runs the
+# search ({"pid", "host", "started"}), and when it ended and why ("ended", "stop_reason": a
+# StopReason's value or null), for `hpsearch status`.
+STATE_FILE = "hpsearch_state.json"
 
 # What a trial reports each epoch (hpsearch.trainable) and the log keeps of it.
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy")
@@ -249,3 +252,8 @@ def write_state(search_dir: Path, state: dict[str, Any]) -> None:
     tmp = search_dir / f".{STATE_FILE}.tmp"
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, search_dir / STATE_FILE)
+
+
+def update_state(search_dir: Path, **fields: Any) -> None:
+    """Set some keys of the state file, keeping the rest."""
+    write_state(search_dir, {**read_state(search_dir), **fields})

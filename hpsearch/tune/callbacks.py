@@ -11,7 +11,9 @@ from typing import Any
 from ray import tune
 
 from hpsearch.record.location import Remote
-from hpsearch.record.trial_log import RESULT_KEYS, TrialStatus, append_event, ended_trials, trial_status
+from hpsearch.record.study import StudyWriter
+from hpsearch.record.trial_log import RESULT_KEYS, TrialRecord, TrialStatus, append_event, ended_trials, trial_status
+from hpsearch.progress import Progress
 from hpsearch.tracking import Tracker
 
 logger = logging.getLogger("hpsearch.search")
@@ -43,7 +45,8 @@ class SearchCallback(tune.Callback):
     """
 
     def __init__(self, *, log_path: str, metric: str, num_samples: int, tracker: Tracker | None,
-                 limit: FailedTrialsLimit, upload_to: str | None = None) -> None:
+                 limit: FailedTrialsLimit, upload_to: str | None = None, progress: Progress | None = None,
+                 study: StudyWriter | None = None) -> None:
         self.log_path = log_path
         self.upload_to = upload_to  # a URI storage's <storage>/<name>: the log is copied there as trials end
         self._remote: Any = None
@@ -51,6 +54,9 @@ class SearchCallback(tune.Callback):
         self.num_samples = num_samples
         self.tracker = tracker
         self.limit = limit
+        self.progress = progress  # the live area on a terminal
+        self.study = study  # optuna.journal, a trial added as it ends
+        self._epochs: dict[str, list[dict[str, Any]]] = {}  # this driver's results of each trial
         self._last: dict[str, dict[str, Any]] = {}
         self._started: set[str] = set()
         self._ended: dict[str, TrialStatus] = {}
@@ -76,15 +82,20 @@ class SearchCallback(tune.Callback):
         self._started.add(trial.trial_id)
         if self.tracker is not None:
             self.tracker.trial_started(trial.trial_id, trial.config)
+        if self.progress is not None:
+            self.progress.trial_started(trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if trial.trial_id in self._ended_before:
             return
         keep = {k: result.get(k) for k in RESULT_KEYS}
         self._last[trial.trial_id] = keep
+        self._epochs.setdefault(trial.trial_id, []).append(keep)
         self._write({"event": "result", "trial_id": trial.trial_id, **keep})
         if self.tracker is not None:
             self.tracker.trial_result(trial.trial_id, keep)
+        if self.progress is not None:
+            self.progress.trial_result(trial.trial_id, keep.get(self.metric))
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._write({"event": "retry", "trial_id": trial.trial_id, "error": _error_text(trial)})
@@ -109,6 +120,14 @@ class SearchCallback(tune.Callback):
         self._ended[trial.trial_id] = status
         if status is TrialStatus.FAILED:
             self.limit.failed += 1
+        if self.progress is not None:
+            self.progress.trial_ended(trial.trial_id, status)
+        if self.study is not None:
+            try:
+                self.study.add(TrialRecord(trial_id=trial.trial_id, config=dict(trial.config), error=error,
+                                           epochs=self._epochs.get(trial.trial_id, [])))
+            except Exception as e:  # the study is rewritten from the log at the end
+                logger.warning("could not add trial %s to the Optuna study: %s", trial.trial_id, e)
         value = (last or {}).get(self.metric)
         shown = f"{self.metric} {value:.4f}" if isinstance(value, float) and math.isfinite(value) else ""
         epochs = int((last or {}).get("epoch") or 0)
@@ -129,6 +148,8 @@ class SearchCallback(tune.Callback):
             logger.warning("could not upload the trial log to %s: %s", self.upload_to, e)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.progress is not None:
+            self.progress.close()
         # The trials Tune knows: after a restore, trials a killed driver had started but not yet
         # saved are gone from it (they were replaced); the results leave those out.
         self._write({"event": "trials", "ids": [t.trial_id for t in trials]})

@@ -9,7 +9,9 @@ from ray.tune.schedulers import FIFOScheduler
 
 from hpsearch import space
 from hpsearch.data import Dataset
+from hpsearch.progress import Progress
 from hpsearch.record.location import SearchLocation, trial_dirname
+from hpsearch.record.study import StudyWriter
 from hpsearch.record.trial_log import LOG_FILE, ended_trials
 from hpsearch.spec import JobSpec
 from hpsearch.tracking import Tracker
@@ -55,9 +57,12 @@ def build(job: JobSpec, where: SearchLocation, fn: Any, *, tracker: Tracker | No
     else:
         stopper = FIFOScheduler()
     limit = callbacks.FailedTrialsLimit(job.search.max_failed_trials)
+    progress = Progress(num_samples=job.search.num_samples, metric=metric, mode=mode,
+                        budget_s=job.search.time_budget_s)
     record = callbacks.SearchCallback(log_path=str(where.local / LOG_FILE), metric=metric,
                                       upload_to=where.remote_uri, num_samples=job.search.num_samples,
-                                      tracker=tracker, limit=limit)
+                                      tracker=tracker, limit=limit, progress=progress,
+                                      study=StudyWriter(str(where.local), job))
     return tune.Tuner(
         fn,
         tune_config=tune.TuneConfig(
