@@ -132,9 +132,11 @@ def run(job: JobSpec, where: SearchLocation, *, address: str | None, resume: boo
             setup.in_thread(_start_tracking, tracker, job, where, undo=tracker.abandon)
         setup.in_thread(runtime.import_search_modules)
         setup.start_ray()
+        logger.debug("%.1f s: Ray ready", time.time() - t_start)
         if address is not None and where.remote_uri is None:
             runtime.check_shared_storage(where.local)
         setup.wait()
+        logger.debug("%.1f s: data, MLflow and imports ready", time.time() - t_start)
         dataset, pretrained = data_f.result()
         from hpsearch.tune import final as final_tasks
         from hpsearch.tune import tuner as tuners
@@ -154,8 +156,10 @@ def run(job: JobSpec, where: SearchLocation, *, address: str | None, resume: boo
                     job.name, job.search.num_samples, job.search.searcher.sampler, job.search.scheduler.name,
                     f"{job.resources.cpu:g}", f"{gpu:g}", f", {at_once} at a time" if at_once and not resume else "")
         t_fit = time.time()
+        logger.debug("%.1f s: fit starts", t_fit - t_start)
         with runtime.sigterm_stops_gracefully():
             tuner.fit()
+        logger.debug("%.1f s: fit done", time.time() - t_start)
         where.fetch_newer(trial_log.LOG_FILE)  # a URI's log is the longer one where Tune's loop ran elsewhere
         records, reason, note = trial_log.fold_search(where.local / trial_log.LOG_FILE, job,
                                                       experiment=where.experiment, fit_s=time.time() - t_fit)
@@ -177,7 +181,9 @@ def run(job: JobSpec, where: SearchLocation, *, address: str | None, resume: boo
             if started_ray:
                 runtime.shutdown_ray()
                 started_ray = False
+                logger.debug("%.1f s: Ray shut down", time.time() - t_start)
             best = written.result()
+            logger.debug("%.1f s: outputs written", time.time() - t_start)
         return _summary(job, where, records, best=best, tracker=tracker, reason=reason, note=note,
                         wall_s=time.time() - t_start)
     finally:
