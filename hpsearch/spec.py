@@ -660,6 +660,10 @@ def _param(p: _Problems, path: str, hp: Hyperparameter, spec: Any, *, sampler: s
 
 def _cross_checks(p: _Problems, job: JobSpec) -> None:
     """Rules that tie sections together; run once every section is valid on its own."""
+    if job.search.num_samples > 1 and all(isinstance(p_, FixedParam) for _, p_ in job.space):
+        p.add("search.num_samples", f"is {job.search.num_samples}, but the space searches nothing (no space, or "
+                                    "every value fixed): every trial would train the same configuration; use "
+                                    "num_samples: 1 to train it once, or give a hyperparameter a range")
     for name, _ in job.space:
         kinds = MODEL_HYPERPARAMETERS.get(name)
         if kinds and job.model.kind not in kinds:

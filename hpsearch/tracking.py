@@ -189,9 +189,11 @@ class Tracker:
     # -- the end of the search ----------------------------------------------------------------
 
     def reconcile(self, statuses: Mapping[str, TrialStatus]) -> None:
-        """Make MLflow agree with our record after crashes and resumes: one child run per trial
-        with its final status; runs of trials the search does not count, or duplicates left by a
-        killed driver, are closed as KILLED and tagged ``discarded`` — none stays RUNNING."""
+        """Make MLflow agree with our record after crashes and resumes: exactly one visible child
+        run per trial, with its final status. Runs of trials the search does not count, or
+        duplicates left by a killed driver, are closed as KILLED, tagged ``discarded`` and deleted
+        (MLflow's ``delete_run``: gone from the UI and from searches, kept in the store's trash
+        until ``mlflow gc``)."""
         self.flush()
         self._safe(self._reconcile, statuses)
 
@@ -211,9 +213,11 @@ class Tracker:
                 if run.info.status != wanted or run.data.tags.get(STATUS_TAG) != status.value:
                     self.client.set_tag(run.info.run_id, STATUS_TAG, status.value)
                     self.client.set_terminated(run.info.run_id, status=wanted)
-            elif not discarded or run.info.status == "RUNNING":
-                self.client.set_tag(run.info.run_id, STATUS_TAG, TrialStatus.DISCARDED.value)
-                self.client.set_terminated(run.info.run_id, status="KILLED")
+            else:
+                if not discarded or run.info.status == "RUNNING":
+                    self.client.set_tag(run.info.run_id, STATUS_TAG, TrialStatus.DISCARDED.value)
+                    self.client.set_terminated(run.info.run_id, status="KILLED")
+                self.client.delete_run(run.info.run_id)
         self._runs.update(keep)
 
     def finish(self, *, best: Mapping[str, Any] | None, files: list[Path], model_file: Path | None,

@@ -112,9 +112,10 @@ def _two_node_search(tmp_path: Path, *args: str) -> tuple[str, list[dict], list[
     job = {
         "name": "two-nodes", "data": {"dataset": "digits"},
         # Long enough per trial (about 0.4 s an epoch) for a node to be lost while one runs.
-        "space": {"num_hidden_layers": 1, "neurons_per_layer": 32, "learning_rate": 0.01, "epochs": 10,
-                  "batch_size": 8},
-        "search": {"num_samples": 4, "max_failures": 2, "scheduler": {"name": "fifo"}},
+        "space": {"num_hidden_layers": 1, "neurons_per_layer": 32, "epochs": 10, "batch_size": 8,
+                  "learning_rate": {"type": "categorical", "choices": [0.01, 0.012, 0.014, 0.016]}},
+        "search": {"num_samples": 4, "max_failures": 2, "scheduler": {"name": "fifo"},
+                   "searcher": {"sampler": "grid"}},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "storage": str(tmp_path / "runs"),
     }
@@ -198,7 +199,8 @@ def _in_namespace(tmp_path: Path, script: str, timeout: int = 420) -> subprocess
 def test_local_storage_that_a_node_cannot_see_is_refused(tmp_path: Path, ray_tmp: Path) -> None:
     runs = tmp_path / "runs"
     runs.mkdir()
-    job = {"name": "t", "data": {"dataset": "digits"}, "space": {"epochs": 1}, "storage": str(runs),
+    job = {"name": "t", "data": {"dataset": "digits"}, "space": {"epochs": 1}, "search": {"num_samples": 1},
+           "storage": str(runs),
            "tracking": {"enabled": False}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     done = _in_namespace(tmp_path, f"""

@@ -196,7 +196,7 @@ def test_missing_pretrained_weights_stop_the_search_before_any_trial(ray_runtime
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    job = small_job(tmp_path, model={"kind": "resnet18", "weights": "IMAGENET1K_V1"})
+    job = small_job(tmp_path, model={"kind": "resnet18", "weights": "IMAGENET1K_V1"}, search={"num_samples": 1})
     job["space"] = {"learning_rate": 0.01, "epochs": 1}
     result, out = run_job(tmp_path, job)
     assert result.exit_code == 2 and "Traceback" not in result.output

@@ -105,6 +105,16 @@ BAD_JOBS = {
     "enqueue not a list": ({"search": {"enqueue": 5}}, "search.enqueue", "defaults, none, or a list"),
     "final seeds negative": ({"search": {"final": {"seeds": -1}}}, "search.final.seeds", "0 to 100"),
     "final typo": ({"search": {"final": {"seed": 2}}}, "search.final.seed", "did you mean 'seeds'"),
+    "nothing to search, several trials": ({"space": {"num_hidden_layers": 1, "neurons_per_layer": 32,
+                                                     "learning_rate": 0.01}, "search": {"num_samples": 4}},
+                                          "search.num_samples", "use num_samples: 1"),
+    "step that does not divide the range": ({"space": {"neurons_per_layer": {"type": "int", "low": 16, "high": 100,
+                                                                             "step": 16}}},
+                                            "space.neurons_per_layer.step", "multiple of step"),
+    "step with log": ({"space": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "step": 0.01,
+                                                   "log": True}}}, "space.learning_rate", "cannot be combined"),
+    "duplicate choices": ({"space": {"batch_size": {"type": "categorical", "choices": [32, 32]}}},
+                          "space.batch_size.choices", "duplicates"),
 }
 
 
