@@ -191,14 +191,22 @@ def test_resnet18_search_on_a_streamed_image_folder(ray_runtime, tmp_path: Path)
 def test_missing_pretrained_weights_stop_the_search_before_any_trial(ray_runtime, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # Nothing cached and a download refused at once (a proxy that is not there): the offline case.
+    # The proxy's port is one this test holds bound and never listens on: refused, whatever else runs.
+    import socket
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")
+        monkeypatch.setenv(var, f"http://127.0.0.1:{closed.getsockname()[1]}")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     job = small_job(tmp_path, model={"kind": "resnet18", "weights": "IMAGENET1K_V1"}, search={"num_samples": 1})
     job["space"] = {"learning_rate": 0.01, "epochs": 1}
-    result, out = run_job(tmp_path, job)
+    try:
+        result, out = run_job(tmp_path, job)
+    finally:
+        closed.close()
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "model.weights: IMAGENET1K_V1 is not in torch's cache and could not be downloaded" in result.output
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in result.output
@@ -238,11 +246,13 @@ def test_uri_storage_keeps_everything_at_the_uri(ray_runtime, tmp_path: Path,
 
 
 def test_time_budget_ends_the_search_cleanly(ray_runtime, tmp_path: Path) -> None:
-    job = small_job(tmp_path, search={"num_samples": 20, "time_budget_s": 15}, tracking={"enabled": False})
-    job["space"].update(epochs=300, batch_size=8)  # longer than the budget: running trials are cut
+    # 40 s: long enough for the first trials to report even when the machine is loaded (their
+    # workers start in seconds on an idle one), far shorter than the trials' 1,000 epochs.
+    job = small_job(tmp_path, search={"num_samples": 20, "time_budget_s": 40}, tracking={"enabled": False})
+    job["space"].update(epochs=1000, batch_size=8)  # longer than the budget: running trials are cut
     result, out = run_job(tmp_path, job)
     assert result.exit_code == 0, result.output  # a budget reached is a normal end, not an interruption
-    assert "the time budget (15 s) ended the search after" in result.output
+    assert "the time budget (40 s) ended the search after" in result.output
     trials = pq.read_table(out / "trials.parquet").to_pylist()
     assert 1 <= len(trials) < 20
     assert {t["status"] for t in trials} <= {"completed", "stopped early", "not run"}
@@ -258,28 +268,41 @@ def test_tracking_to_an_mlflow_server(ray_runtime, tmp_path: Path) -> None:
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def start(port: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed with the server)
-    server = subprocess.Popen(
-        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    port = free_port()
+    server = start(port)
     no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
     try:
         deadline = time.time() + 240  # a fresh store's migrations take a while on a busy machine
+        tries = 1
         while True:
             try:
-                no_proxy.open(f"{uri}/health", timeout=2)
+                no_proxy.open(f"http://127.0.0.1:{port}/health", timeout=2)
                 break
             except OSError:
+                if server.poll() is not None and tries < 3:
+                    # The port was free when picked, but something took it before the server bound
+                    # it (a port cannot be held across processes): another one.
+                    tries, port = tries + 1, free_port()
+                    server = start(port)
+                    continue
                 assert time.time() < deadline and server.poll() is None, (
                     "mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
                 time.sleep(0.5)
+        uri = f"http://127.0.0.1:{port}"
         job = small_job(tmp_path, tracking={"uri": uri}, search={"num_samples": 2})
         result, out = run_job(tmp_path, job)
         assert result.exit_code == 0, result.output
