@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -105,6 +106,24 @@ def test_mlflow_parent_has_the_best_and_the_outputs(digits_search) -> None:
     assert parent.data.params["best.learning_rate"]
     artifacts = {a.path for a in digits_search.client.list_artifacts(parent.info.run_id)}
     assert {"job.yaml", "best.yaml", "trials.parquet", "best_model"} <= artifacts
+
+
+def test_best_model_is_the_best_checkpoint_and_reproduces_its_test_accuracy(digits_search) -> None:
+    import torch
+
+    from hpsearch.data import load
+    from hpsearch.trainable import score_test_set
+
+    best, out = digits_search.best, digits_search.out
+    job = load_job(out / "job.yaml")
+    # best.yaml's epoch is the best epoch of the best trial (not its last), and its checkpoint holds it.
+    epochs = [e for e in digits_search.epochs if e["trial_id"] == best["trial_id"]]
+    assert best["epoch"] == max(epochs, key=lambda e: e["val_accuracy"])["epoch"]
+    assert json.loads((Path(best["checkpoint"]) / "metrics.json").read_text())["epoch"] == best["epoch"]
+    weights = torch.load(out / "best_model.pt", map_location="cpu", weights_only=True)
+    data = load(job.data, seed=job.seed)
+    accuracy = score_test_set({"model": weights}, best["hyperparameters"], data=data, model_spec=job.model)
+    assert accuracy == pytest.approx(best["test_accuracy"], abs=1e-6)
 
 
 def test_best_command_prints_the_best_trial(digits_search) -> None:
@@ -318,3 +337,30 @@ def test_tracking_to_an_mlflow_server(ray_runtime, tmp_path: Path) -> None:
         os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
         server.wait(timeout=30)
         log.close()
+
+
+def test_a_search_that_minimizes_val_loss(ray_runtime, tmp_path: Path) -> None:
+    job = small_job(tmp_path, search={"num_samples": 3, "metric": "val_loss", "mode": "min"},
+                    tracking={"enabled": False})
+    result, out = run_job(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    trials = pq.read_table(out / "trials.parquet").to_pylist()
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["metric"] == "val_loss" and best["mode"] == "min"
+    assert best["validation"]["val_loss"] == min(t["best_val_loss"] for t in trials)
+    assert "best trials by val_loss" in result.output
+
+
+def test_max_concurrent_trials_caps_the_trials_at_once(ray_runtime, tmp_path: Path) -> None:
+    from hpsearch.record.trial_log import read_events
+
+    job = small_job(tmp_path, search={"num_samples": 3, "max_concurrent_trials": 1}, tracking={"enabled": False})
+    result, out = run_job(tmp_path, job)  # the test runtime has 2 CPUs: room for 2
+    assert result.exit_code == 0, result.output
+    assert "1 at a time" in result.output
+    spans: dict[str, list[float]] = {}
+    for e in read_events(out / "hpsearch_trials.jsonl"):
+        if e.get("trial_id"):
+            spans.setdefault(e["trial_id"], []).append(e["time"])
+    ordered = sorted((min(t), max(t)) for t in spans.values())
+    assert len(ordered) == 3 and all(end <= start for (_, end), (start, _) in zip(ordered, ordered[1:]))

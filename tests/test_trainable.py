@@ -68,3 +68,19 @@ def test_threads_follow_the_trial_cpus(digits) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_cuda_out_of_memory_is_said_as_one_line_a_user_can_act_on(digits, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Raised as torch raises it on a GPU; tested on the CPU through the trial's training call.
+    from hpsearch import trainable
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+
+    monkeypatch.setattr(trainable, "train", out_of_memory)
+    with pytest.raises(trainable.TrialOutOfMemory) as caught:
+        trainable.train_on_device({"batch_size": 4096}, gpus=0.25, cpus=1, data=digits, model_spec=ModelSpec(),
+                                  report=lambda m, s: None)
+    message = str(caught.value)
+    assert "batch_size=4096" in message and "0.25 GPU per trial" in message and "smaller batch_size" in message
+    assert caught.value.__cause__ is None and "Tried to allocate" not in message  # the allocator's page, gone
