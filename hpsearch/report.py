@@ -132,9 +132,7 @@ def render(search: Search) -> str:
 
 def _header(search: Search) -> str:
     job, best = search.job, search.best
-    counts: dict[str, int] = {}
-    for r in search.records:
-        counts[r.status.value] = counts.get(r.status.value, 0) + 1
+    counts = trial_log.count_statuses(search.records)
     util = search.utilization()
     facts = [
         ("search", job.name), ("data", job.data.dataset), ("model", job.model.kind),

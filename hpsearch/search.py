@@ -281,9 +281,7 @@ def _summary(job: JobSpec, where: SearchLocation, records: list[TrialRecord], *,
              tracker: Tracker | None, reason: StopReason | None, note: str | None, wall_s: float) -> SearchSummary:
     metric, mode = job.search.metric, job.search.mode
     rows = outputs.trial_rows(records, metric=metric, mode=mode)
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    counts = trial_log.count_statuses(records)
     return SearchSummary(
         search_dir=where.local, location=where.experiment, best=best, counts=counts,
         top=outputs.top_trials(rows, metric=metric, mode=mode), wall_s=wall_s,

@@ -52,9 +52,7 @@ def read_status(location: str | Path, *, now: float | None = None) -> Status:
     job, records = search.job, search.records
     metric, mode = job.search.metric, job.search.mode
     state = _state(search, now)
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r.status.value] = counts.get(r.status.value, 0) + 1
+    counts = trial_log.count_statuses(records)
     running = [{"trial_id": r.trial_id, "epoch": int(r.epochs[-1]["epoch"]) if r.epochs else 0,
                 "value": r.epochs[-1].get(metric) if r.epochs else None}
                for r in records if r.status is TrialStatus.INTERRUPTED] if state == "running" else []

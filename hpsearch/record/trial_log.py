@@ -127,6 +127,14 @@ def is_finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def count_statuses(records: Iterable[TrialRecord]) -> dict[str, int]:
+    """Trials by status, spelled as the tables spell them (``{"completed": 3, "stopped early": 5}``)."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.status.value] = counts.get(r.status.value, 0) + 1
+    return counts
+
+
 def choose_best(records: Iterable[TrialRecord], *, metric: str, mode: str) -> tuple[TrialRecord, dict[str, Any]] | None:
     """The trial (and epoch) with the best value of ``metric``; failed and diverged trials never win."""
     candidates = [(r, e) for r in records if (e := r.best_epoch(metric, mode)) is not None]
