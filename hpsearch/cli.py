@@ -76,17 +76,24 @@ _set_option = click.option(
 @cli.command()
 @click.argument("job_file", type=click.Path(path_type=Path))
 @_set_option
-def validate(job_file: Path, overrides: tuple[str, ...]) -> None:
+@click.option("--import", "import_code", is_flag=True,
+              help="Also import the job's own code (model.factory, data.factory) and check each is callable.")
+def validate(job_file: Path, overrides: tuple[str, ...], import_code: bool) -> None:
     """Check a job file and print the resolved job; start nothing.
+
+    A job's own code (its factories) is found, not run; --import imports it too.
 
     Example: hpsearch validate jobs/mnist.yaml --set search.num_samples=8
     """
     import yaml
 
-    from hpsearch import plan
+    from hpsearch import entrypoints, plan
     from hpsearch.spec import load_job
 
     job = load_job(job_file, overrides)
+    if import_code:
+        for where, reference in job.factories():
+            entrypoints.load(where, reference, job.code)
     click.echo(f"{job_file}: ok")
     click.echo(yaml.safe_dump(job.to_dict(), sort_keys=False).rstrip())
     click.echo("\nplan:")

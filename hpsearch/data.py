@@ -53,15 +53,45 @@ _IDX_FILES = {
 
 
 @dataclass(frozen=True)
+class Items:
+    """Samples of the user's own map-style torch Datasets, read by a DataLoader in each trial:
+    (the pickled Dataset, the indices of its samples) per part. Pickled in the driver and read
+    back in the trial, once the job's code folders are on its import path."""
+
+    parts: tuple[tuple[bytes, np.ndarray], ...]
+
+    def __len__(self) -> int:
+        return sum(len(idx) for _, idx in self.parts)
+
+    def __add__(self, other: Items) -> Items:
+        return Items(self.parts + other.parts)
+
+    def dataset(self) -> Any:
+        from torch.utils.data import ConcatDataset, Subset
+
+        parts = [Subset(_unpickled(raw), idx.tolist()) for raw, idx in self.parts]
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+@functools.lru_cache(maxsize=4)
+def _unpickled(raw: bytes) -> Any:
+    import pickle
+
+    return pickle.loads(raw)
+
+
+@dataclass(frozen=True)
 class Split:
-    """Images (N, C, H, W) as uint8 and int64 labels; or, streamed, the image files and labels."""
+    """Samples as an array (images (N, C, H, W) uint8, or a factory's float32 (N, ...)) and int64
+    labels; or, streamed, the image files and labels, or a factory's Dataset items."""
 
     x: np.ndarray | None
     y: np.ndarray
     files: tuple[str, ...] | None = None  # loader: stream (x is None then)
+    items: Items | None = None  # a factory's torch Datasets (x is None, y empty then)
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.items) if self.items is not None else len(self.y)
 
 
 @dataclass(frozen=True)
@@ -94,10 +124,17 @@ class Dataset:
         return replace(self, test=None)
 
 
-def load(spec: DataSpec, *, seed: int) -> Dataset:
-    """Load the data set a job names, split off validation (seeded), keep test apart."""
+def load(spec: DataSpec, *, seed: int, code: tuple[str, ...] = ()) -> Dataset:
+    """Load the data set a job names, split off validation (seeded), keep test apart.
+
+    ``code``: the folders a factory (``dataset: python``) is imported from.
+    """
     if spec.dataset == "image_folder":
         return _image_folder(spec, seed=seed)
+    if spec.dataset == "python":
+        from hpsearch.user_data import from_factory
+
+        return from_factory(spec, seed=seed, code=code)
     classes: tuple[str, ...] = ()
     if spec.dataset == "digits":
         images, labels, test_images, test_labels, scale = _digits(spec, seed=seed)
@@ -183,17 +220,19 @@ def to_device(split: Split, data: Dataset, device: torch.device) -> tuple[torch.
 
 
 def normalize(x: torch.Tensor, data: Dataset) -> torch.Tensor:
-    """uint8 (N, C, H, W) images → float32 ``(x/scale - mean) / std`` per channel."""
-    mean, std = _channel_tensors(data.mean, data.std, str(x.device))
+    """uint8 (N, C, H, W) images (or a factory's (N, C, ...) / (N, features) inputs) → float32
+    ``(x/scale - mean) / std`` per channel (per feature)."""
+    mean, std = _channel_tensors(data.mean, data.std, str(x.device), x.dim())
     return x.float().mul_(1.0 / data.scale).sub_(mean).div_(std)
 
 
 @functools.lru_cache(maxsize=8)
-def _channel_tensors(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tuple[Any, Any]:
+def _channel_tensors(mean: tuple[float, ...], std: tuple[float, ...], device: str, dim: int = 4) -> tuple[Any, Any]:
     # Once per data set and device: a streamed data set normalises every batch with these.
     import torch
 
-    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
+    shape = (1, -1) + (1,) * (dim - 2)
+    return torch.tensor(mean, device=device).view(shape), torch.tensor(std, device=device).view(shape)
 
 
 # --------------------------------------------------------------------------------------------

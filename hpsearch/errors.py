@@ -36,3 +36,12 @@ class SearchError(HpsearchError):
 
 class ModelError(HpsearchError):
     """A model that cannot be built as asked (e.g. pretrained weights that cannot be found)."""
+
+
+class EntryPointError(HpsearchError):
+    """The user's own code (a factory the job names) cannot be found, imported or called, or
+    returns what hpsearch cannot use. Shows the user's own traceback, not hpsearch's."""
+
+    def __init__(self, message: str, user_traceback: str | None = None) -> None:
+        self.message, self.user_traceback = message, user_traceback
+        super().__init__(message if not user_traceback else f"{message}\n{user_traceback}")

@@ -14,8 +14,10 @@ from typing import Any, Callable, Mapping
 # Vocabulary.
 # --------------------------------------------------------------------------------------------
 
-DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10", "image_folder")
-MODEL_KINDS = ("mlp", "cnn", "resnet18")
+# "python": the user's own, from a factory named in the job file (hpsearch.entrypoints).
+PYTHON = "python"
+DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10", "image_folder", PYTHON)
+MODEL_KINDS = ("mlp", "cnn", "resnet18", PYTHON)
 # torchvision's names for ResNet-18's weights (torchvision.models.ResNet18_Weights), or none.
 RESNET18_WEIGHTS = ("none", "IMAGENET1K_V1", "DEFAULT")
 LOADERS = ("memory", "stream")
@@ -70,7 +72,9 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
 
 # Which model kinds use a hyperparameter (the rest are used by every kind). A space that sets one
 # its model ignores is refused: the trials would spend the search on a value that changes nothing.
+# A model of kind python gets those a factory declares (model.hyperparameters), with these rules.
 MODEL_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
+    "dropout_rate": ("mlp", "cnn", "resnet18"),
     "num_hidden_layers": ("mlp", "cnn"),
     "neurons_per_layer": ("mlp", "cnn"),
     "conv_blocks": ("cnn",),
@@ -81,14 +85,53 @@ MODEL_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
 }
 
 
-def hyperparameter_names(kind: str | None = None) -> list[str]:
-    """The hyperparameters a model kind uses (all of them when ``kind`` is None)."""
-    return [name for name in HYPERPARAMETERS if kind is None or kind in MODEL_HYPERPARAMETERS.get(name, (kind,))]
+# The kinds of a factory's own hyperparameters, as their values show (and their table column holds).
+VALUE_KINDS = {bool: "bool", int: "int", float: "float", str: "choice"}
 
 
-def resolve_hyperparameters(config: Mapping[str, Any], kind: str | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class HyperparameterSet:
+    """The hyperparameters a job's trials use: those of its model kind, and, for a factory
+    (kind python), the ones it declares with their defaults and kinds."""
+
+    kind: str | None = None  # None: every hyperparameter the training function knows
+    extra: tuple[tuple[str, str | None, Any], ...] = ()  # a factory's own: (name, kind, default)
+
+    def names(self) -> list[str]:
+        own = [name for name in HYPERPARAMETERS
+               if self.kind is None or self.kind in MODEL_HYPERPARAMETERS.get(name, (self.kind,))]
+        return own + [name for name, _, _ in self.extra if name not in own]
+
+    def kind_of(self, name: str) -> str:
+        """``int``, ``float``, ``choice`` (a string) or ``bool``: what its values are."""
+        extra = {n: k for n, k, _ in self.extra if k}
+        return extra[name] if name in extra else HYPERPARAMETERS[name].kind
+
+    def defaults(self) -> dict[str, Any]:
+        out = {name: hp.default for name, hp in HYPERPARAMETERS.items()}
+        out.update({name: default for name, _, default in self.extra})
+        return out
+
+    def resolve(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Every hyperparameter a trial uses: the sampled ones, defaults for the rest (what a
+        user reads in best.yaml and trials.parquet, and what a factory is given)."""
+        defaults = self.defaults()
+        resolved = {name: config.get(name, defaults[name]) for name in self.names()}
+        # Optuna's float steps carry binary noise (0.30000000000000004); 12 digits say what was meant.
+        return {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in resolved.items()}
+
+
+def _as_set(used: str | HyperparameterSet | None) -> HyperparameterSet:
+    return used if isinstance(used, HyperparameterSet) else HyperparameterSet(used)
+
+
+def hyperparameter_names(used: str | HyperparameterSet | None = None) -> list[str]:
+    """The hyperparameters a model kind (or a job's :class:`HyperparameterSet`) uses; all of the
+    training function's when ``used`` is None."""
+    return _as_set(used).names()
+
+
+def resolve_hyperparameters(config: Mapping[str, Any], used: str | HyperparameterSet | None = None) -> dict[str, Any]:
     """Every hyperparameter a trial uses: the sampled ones, defaults for the rest (only those of
-    model ``kind`` when given: what a user reads in best.yaml and trials.parquet)."""
-    resolved = {name: config.get(name, HYPERPARAMETERS[name].default) for name in hyperparameter_names(kind)}
-    # Optuna's float steps carry binary noise (0.30000000000000004); 12 digits say what was meant.
-    return {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in resolved.items()}
+    model kind ``used``, or of a job's :class:`HyperparameterSet`, when given)."""
+    return _as_set(used).resolve(config)

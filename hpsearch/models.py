@@ -10,6 +10,8 @@
   stages frozen from the bottom up to leave ``trainable_stages`` training (the frozen ones keep
   their batch-norm statistics), the backbone at ``backbone_lr_factor × learning_rate``.
 
+- ``python``: the user's own, from the factory ``model.factory`` names (:func:`from_factory`).
+
 Every kind takes ``image_size`` (resize on the device, 0 = keep) and 1- or 3-channel images.
 """
 
@@ -24,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpsearch.errors import ModelError
+from hpsearch import entrypoints
+from hpsearch.errors import EntryPointError, ModelError
 from hpsearch.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ def build_model(spec: ModelSpec, hp: Mapping[str, Any], *, input_shape: tuple[in
     if size and len(shape) == 3 and shape[1:] != (size, size):
         shape = (shape[0], size, size)
     prefix: list[nn.Module] = [Resize(size)] if shape != tuple(input_shape) else []
-    dropout = float(hp["dropout_rate"])
+    dropout = float(hp.get("dropout_rate", 0.0))
     if spec.kind == "mlp":
         body: nn.Module = mlp(
             in_features=int(torch.Size(shape).numel()), num_classes=num_classes,
@@ -52,12 +55,36 @@ def build_model(spec: ModelSpec, hp: Mapping[str, Any], *, input_shape: tuple[in
             num_hidden_layers=int(hp["num_hidden_layers"]), neurons_per_layer=int(hp["neurons_per_layer"]),
             dropout_rate=dropout, batch_norm=spec.batch_norm,
         )
+    elif spec.kind == "python":
+        body = from_factory(spec, hp, input_shape=shape, num_classes=num_classes)
     elif spec.kind == "resnet18":
         body = ResNet18Transfer(num_classes=num_classes, in_channels=shape[0], dropout_rate=dropout,
                                 trainable_stages=int(hp["trainable_stages"]), pretrained=pretrained)
     else:
         raise ValueError(f"unknown model kind {spec.kind!r}")  # spec validation makes this unreachable
     return nn.Sequential(*prefix, body) if prefix else body
+
+
+def from_factory(spec: ModelSpec, hp: Mapping[str, Any], *, input_shape: tuple[int, ...],
+                 num_classes: int) -> nn.Module:
+    """The user's model: ``factory(hyperparameters, input_shape=..., num_classes=...)``, where
+    the hyperparameters are the trial's (the training function's and the factory's own)."""
+    reference = spec.factory or ""
+    factory = entrypoints.load("model.factory", reference, ())
+    given = spec.for_factory(hp)
+
+    def hint(error: Exception) -> str | None:
+        if isinstance(error, KeyError) and error.args and error.args[0] not in given:
+            return (f"the hyperparameters it is given are {', '.join(given)} (its own are those "
+                    "model.hyperparameters names)")
+        return None
+
+    model = entrypoints.call("model.factory", reference, factory, given, input_shape=tuple(input_shape),
+                             num_classes=num_classes, hint=hint)
+    if not isinstance(model, nn.Module):
+        raise EntryPointError(f"model.factory: {reference} returned a {type(model).__name__}; it must return a "
+                              "torch.nn.Module")
+    return model
 
 
 class Resize(nn.Module):

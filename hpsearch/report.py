@@ -53,9 +53,9 @@ class Search:
         """The search at ``location`` (its folder, or its URI), read from its files only."""
         where = location if isinstance(location, SearchLocation) else SearchLocation.parse(location)
         where.download(outputs.JOB_FILE, trial_log.LOG_FILE, trial_log.STATE_FILE, outputs.BEST_FILE)
-        job = load_job(where.require(outputs.JOB_FILE, "of a search"))
+        job = load_job(where.require(outputs.JOB_FILE, "of a search"), of_search=True)
         log = where.local / trial_log.LOG_FILE
-        records = trial_log.fold(log, experiment=where.experiment, model_kind=job.model.kind)
+        records = trial_log.fold(log, experiment=where.experiment, used=job.hyperparameters)
         best_file = where.local / outputs.BEST_FILE
         best = outputs.read_best(where.local) if best_file.is_file() else None
         return cls(job=job, where=where, records=records, best=best, events=trial_log.read_events(log))
@@ -135,7 +135,8 @@ def _header(search: Search) -> str:
     counts = trial_log.count_statuses(search.records)
     util = search.utilization()
     facts = [
-        ("search", job.name), ("data", job.data.dataset), ("model", job.model.kind),
+        ("search", job.name), ("data", job.data.factory or job.data.dataset),
+        ("model", job.model.factory or job.model.kind),
         ("trials", f"{len(search.records)} of {job.search.num_samples}: "
                    + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none started yet")),
         ("wall time", f"{search.wall_s():.0f} s"), ("trials at once", str(search.at_once())),

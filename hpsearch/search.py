@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from hpsearch import entrypoints
 from hpsearch.data import Dataset
 from hpsearch.errors import SearchError
 from hpsearch.record import outputs, trial_log
@@ -99,7 +100,7 @@ def resume_search(location: str | os.PathLike[str], *, address: str | None = Non
     t_start = time.time()
     where = SearchLocation.parse(location)
     where.download(outputs.JOB_FILE, trial_log.LOG_FILE, trial_log.STATE_FILE)  # what the driver needs
-    job = load_job(where.require(outputs.JOB_FILE, "of a search"))
+    job = load_job(where.require(outputs.JOB_FILE, "of a search"), of_search=True)
     if (job.storage, job.name) != (where.storage, where.name):
         # The search was moved (or this is a URI search's local mirror): it continues where it is.
         job = dataclasses.replace(job, storage=where.storage, name=where.name)
@@ -122,10 +123,14 @@ def run(job: JobSpec, where: SearchLocation, *, address: str | None, resume: boo
 
     tracker = _tracker(job, where)
     new_parent = tracker is not None and tracker.parent_run_id is None
+    if resume:
+        _recover_cut_epochs(where, tracker)
     trial_log.update_state(where.local, driver={"pid": os.getpid(), "host": socket.gethostname(),
                                                 "started": time.time()})  # for `hpsearch status`
     where.upload(trial_log.STATE_FILE)
-    with runtime.SetUp(address) as setup:  # on an error in here, what was set up is undone
+    # On a cluster, the job's own code travels with it (its factories' modules, to every node).
+    shipped = entrypoints.shipped_modules([ref for _, ref in job.factories()], job.code) if address else []
+    with runtime.SetUp(address, py_modules=shipped) as setup:  # on an error in here, what was set up is undone
         data_f = setup.in_thread(_load_data, job)
         runtime.import_ray(address)
         if new_parent:
@@ -207,6 +212,18 @@ def _tracker(job: JobSpec, where: SearchLocation) -> Tracker | None:
                    parent_run_id=state.get("parent_run_id"))
 
 
+def _recover_cut_epochs(where: SearchLocation, tracker: Tracker | None) -> None:
+    """The epochs a killed driver checkpointed but never logged: back in the log, and in MLflow."""
+    recovered = trial_log.recover_cut_epochs(where.local / trial_log.LOG_FILE, experiment=where.experiment)
+    if recovered:
+        logger.info("recovered %d epoch(s) the stopped driver had not logged, from their checkpoints",
+                    len(recovered))
+    if tracker is not None and recovered:
+        tracker.adopt_existing_runs()
+        for trial_id, result in recovered:
+            tracker.trial_result(trial_id, result)
+
+
 def _start_tracking(tracker: Tracker, job: JobSpec, where: SearchLocation) -> None:
     """MLflow's parent run for a new search, its id kept for a resume."""
     tracker.start(job=job.to_dict(), run_name=job.name, job_file=where.local / outputs.JOB_FILE)
@@ -215,10 +232,18 @@ def _start_tracking(tracker: Tracker, job: JobSpec, where: SearchLocation) -> No
 
 
 def _load_data(job: JobSpec) -> tuple[Dataset, Pretrained]:
-    """The data set, and the pretrained weights the model starts from (if any): both fail fast."""
+    """The data set, and the pretrained weights the model starts from (if any): both fail fast,
+    and so does a factory's model (built once here, and a batch run through it)."""
     from hpsearch import data as data_mod
+    from hpsearch import entrypoints
 
-    dataset = data_mod.load(job.data, seed=job.seed)
+    entrypoints.on_path(job.code)
+    dataset = data_mod.load(job.data, seed=job.seed, code=job.code)
+    if job.model.factory:
+        from hpsearch import space
+        from hpsearch.trainable import check_model
+
+        check_model(space.first_trial(job), data=dataset, model_spec=job.model)
     pretrained = None
     if job.model.kind == "resnet18" and job.model.weights != "none":
         from hpsearch.models import pretrained_weights

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hpsearch.hyperparameters import HYPERPARAMETERS
 from hpsearch.spec import (
     ENQUEUE_DEFAULTS,
     CategoricalParam,
@@ -72,11 +71,28 @@ def default_point(job: JobSpec) -> dict[str, Any]:
     point: dict[str, Any] = {}
     searched = [(name, p) for name, p in DefineByRun(job.space).space if not isinstance(p, FixedParam)]
     fixed = {name: p.value for name, p in job.space if isinstance(p, FixedParam)}
+    defaults = job.hyperparameters.defaults()
     for name, p in searched:
         if name == "momentum" and point.get("optimizer", fixed.get("optimizer", "Adam")) != "SGD":
             continue  # conditional: not sampled unless the optimizer is SGD
-        point[name] = nearest(p, HYPERPARAMETERS[name].default)
+        # A factory's hyperparameter without a default starts in the middle of its range.
+        point[name] = middle(p) if defaults.get(name) is None else nearest(p, defaults[name])
     return point
+
+
+def first_trial(job: JobSpec) -> dict[str, Any]:
+    """The configuration of a first trial: the defaults point and the fixed values."""
+    return {**{name: p.value for name, p in job.space if isinstance(p, FixedParam)}, **default_point(job)}
+
+
+def middle(param: Param) -> Any:
+    """The middle of a range (geometric on a log scale), or the first choice."""
+    if isinstance(param, CategoricalParam):
+        return param.choices[0]
+    if isinstance(param, FixedParam):
+        return param.value
+    mid = (param.low * param.high) ** 0.5 if param.log else (param.low + param.high) / 2
+    return nearest(param, mid)
 
 
 def nearest(param: Param, value: Any) -> Any:

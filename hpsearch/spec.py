@@ -13,12 +13,13 @@ import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Mapping, Union
 
 import yaml
 
+from hpsearch import entrypoints
 from hpsearch.errors import JobError
 from hpsearch.hyperparameters import (
     DATASETS,
@@ -27,10 +28,13 @@ from hpsearch.hyperparameters import (
     METRICS,
     MODEL_HYPERPARAMETERS,
     MODEL_KINDS,
+    PYTHON,
     RESNET18_WEIGHTS,
     SAMPLERS,
     SCHEDULERS,
+    VALUE_KINDS,
     Hyperparameter,
+    HyperparameterSet,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -99,12 +103,25 @@ class DataSpec:
     test_fraction: float = 0.2  # only for data sets without their own test split (digits, image folders)
     image_size: int = 64  # image_folder: images are resized to image_size x image_size when read
     loader: str = "memory"  # memory: decoded once, resident on the device; stream: a DataLoader reads files
-    num_workers: int = 2  # DataLoader worker processes per trial (loader: stream)
+    num_workers: int = 2  # DataLoader worker processes per trial (loader: stream, or a factory's Datasets)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    factory: str | None = None  # dataset: python: "module:function" returning the data (hpsearch.data)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
 
     def to_dict(self) -> dict[str, Any]:
-        folder_only = ("image_size", "loader", "num_workers")
-        return {k: v for k, v in _plain(self).items() if k not in folder_only or self.dataset == "image_folder"}
+        return {k: v for k, v in _plain(self).items() if k in data_keys(self.dataset)}
+
+
+# The keys of ``data`` each kind of data set uses (the rest are refused when given).
+_BUILT_IN_DATA = ("dataset", "root", "download", "val_fraction", "test_fraction", "augment")
+_DATA_KEYS = {
+    "image_folder": _BUILT_IN_DATA + ("image_size", "loader", "num_workers"),
+    PYTHON: ("dataset", "factory", "options", "val_fraction", "test_fraction", "num_workers", "augment"),
+}
+
+
+def data_keys(dataset: str) -> tuple[str, ...]:
+    return _DATA_KEYS.get(dataset, _BUILT_IN_DATA)
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,29 @@ class ModelSpec:
     batch_norm: bool = True
     weights: str = "none"  # resnet18: torchvision's pretrained weights, or none
     download: bool = True  # fetch pretrained weights missing from torch's cache ($TORCH_HOME)
+    factory: str | None = None  # kind python: "module:function" that builds the nn.Module (hpsearch.models)
+    # kind python: the factory's own hyperparameters, (name, default); None: no default (set in space)
+    hyperparameters: tuple[tuple[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind != PYTHON:
+            return {"kind": self.kind, "batch_norm": self.batch_norm, "weights": self.weights,
+                    "download": self.download}
+        declared: Any = {name: default for name, default in self.hyperparameters}
+        if all(default is None for _, default in self.hyperparameters):
+            declared = list(declared)
+        return {"kind": self.kind, "factory": self.factory, "hyperparameters": declared}
+
+    def resolve(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Every hyperparameter a trial's training uses: the training function's (defaults for
+        those not in ``config``) and a factory's own (its defaults likewise)."""
+        return HyperparameterSet(None, tuple((n, None, d) for n, d in self.hyperparameters)).resolve(config)
+
+    def for_factory(self, hp: Mapping[str, Any]) -> dict[str, Any]:
+        """What a factory is given of the trial's hyperparameters: the training function's that
+        apply to every model, and its own."""
+        names = HyperparameterSet(self.kind, tuple((n, None, None) for n, _ in self.hyperparameters)).names()
+        return {name: hp[name] for name in names if name in hp}
 
 
 @dataclass(frozen=True)
@@ -184,10 +224,24 @@ class JobSpec:
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     storage: str = "./hpsearch_runs"
+    # Folders the factories' code is imported from (absolute; the job file's folder first).
+    code: tuple[str, ...] = ()
 
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
+
+    def factories(self) -> list[tuple[str, str]]:
+        """The user's entry points: (the job's field, ``module:function``)."""
+        found = [("model.factory", self.model.factory), ("data.factory", self.data.factory)]
+        return [(where, ref) for where, ref in found if ref]
+
+    @property
+    def hyperparameters(self) -> HyperparameterSet:
+        """The hyperparameters the trials use: the model kind's, and a factory's own."""
+        return HyperparameterSet(self.model.kind, tuple(
+            (name, _value_kind(self.param(name), default, name), default)
+            for name, default in self.model.hyperparameters))
 
     def param(self, name: str) -> Param | None:
         return dict(self.space).get(name)
@@ -217,11 +271,34 @@ class JobSpec:
         d = _plain(self)
         d["space"] = {name: p.to_dict() for name, p in self.space}
         d["data"] = self.data.to_dict()
+        d["model"] = self.model.to_dict()
+        if not self.code:
+            del d["code"]
         d["resources"]["gpu"] = "auto" if self.resources.gpu is None else self.resources.gpu
         d["tracking"]["experiment"] = self.experiment
         d["search"]["scheduler"] = ({"name": "fifo"} if self.search.scheduler.name == "fifo"
                                     else {**d["search"]["scheduler"], "max_t": self.max_t})
         return d
+
+
+def _value_kind(param: Param | None, default: Any, name: str) -> str:
+    """The kind of a factory hyperparameter's values (its table column): from its space, else its
+    default (validation makes the two agree)."""
+    if name in HYPERPARAMETERS:
+        return HYPERPARAMETERS[name].kind
+    values: list[Any]
+    if isinstance(param, IntParam):
+        return "int"
+    if isinstance(param, FloatParam):
+        return "float"
+    if isinstance(param, CategoricalParam):
+        values = list(param.choices)
+    elif isinstance(param, FixedParam):
+        values = [param.value]
+    else:
+        values = [default]
+    kinds = {VALUE_KINDS[type(v)] for v in values}
+    return "float" if kinds == {"int", "float"} else kinds.pop()
 
 
 def _plain(value: Any) -> Any:
@@ -240,8 +317,14 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def load_job(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """Read, override (``dotted.key=value``) and validate a job file. Raises :class:`JobError`."""
+def load_job(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = (), *,
+             of_search: bool = False) -> JobSpec:
+    """Read, override (``dotted.key=value``) and validate a job file. Raises :class:`JobError`.
+
+    A job with factories imports them from the job file's folder first, and each must be found.
+    ``of_search``: the file is a search's own ``job.yaml``, which lists the folders the search
+    was started with (those are imported from, and checked, when it runs).
+    """
     path = Path(path)
     source = str(path)
     try:
@@ -252,7 +335,23 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...
         raise JobError(source, [f"cannot be read: {e}"]) from None
     raw = parse_yaml(text, source)
     apply_overrides(raw, overrides, source)
-    return validate(raw, source=source)
+    job = validate(raw, source=source, base=path.parent)
+    if job.factories() and not of_search:
+        job = with_code(job, path.parent, source=source)
+    return job
+
+
+def with_code(job: JobSpec, folder: Path, *, source: str) -> JobSpec:
+    """The job with ``folder`` (its file's) first among its code folders, its factories checked:
+    each module must be found there (or installed) without running it. Raises :class:`JobError`."""
+    # The job file's folder, the job's own, the working directory: kept in job.yaml, so a resume
+    # from elsewhere imports the same code.
+    code = tuple(dict.fromkeys([str(folder.resolve()), *job.code, os.getcwd()]))
+    problems = [f"{where}: {problem}" for where, ref in job.factories()
+                if (problem := entrypoints.check_findable(where, ref, code))]
+    if problems:
+        raise JobError(source, problems)
+    return replace(job, code=code)
 
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
@@ -413,8 +512,12 @@ def _one_of(p: _Problems, raw: dict[str, Any], path: str, key: str, choices: tup
     return value
 
 
-def validate(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
-    """Turn a raw job mapping into a :class:`JobSpec`, or raise :class:`JobError` with every problem."""
+def validate(raw: dict[str, Any], *, source: str = "<job>", base: Path | None = None) -> JobSpec:
+    """Turn a raw job mapping into a :class:`JobSpec`, or raise :class:`JobError` with every problem.
+
+    ``base``: the folder relative ``code`` folders are read from (the job file's; default: the
+    working directory).
+    """
     p = _Problems()
     top = _mapping(p, raw, "", _keys(JobSpec))
 
@@ -426,7 +529,8 @@ def validate(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
     data = _data(p, top.get("data"))
     model = _model(p, top.get("model"))
     search = _search(p, top.get("search"))
-    space = _space(p, top.get("space"), sampler=search.searcher.sampler)
+    space = _space(p, top.get("space"), sampler=search.searcher.sampler, model=model)
+    code = _code(p, top.get("code"), base=base)
 
     r = _mapping(p, top.get("resources"), "resources", _keys(ResourcesSpec))
     resources = ResourcesSpec(
@@ -446,7 +550,7 @@ def validate(raw: dict[str, Any], *, source: str = "<job>") -> JobSpec:
     if p.items:
         raise JobError(source, p.items)
     job = JobSpec(name=name, seed=seed, data=data, model=model, space=space, search=search,
-                  resources=resources, tracking=tracking, storage=storage)
+                  resources=resources, tracking=tracking, storage=storage, code=code)
     _cross_checks(p, job)
     if p.items:
         raise JobError(source, p.items)
@@ -475,10 +579,38 @@ def _data(p: _Problems, raw: Any) -> DataSpec:
             horizontal_flip=_get(p, a, "data.augment", "horizontal_flip", "bool", AugmentSpec.horizontal_flip),
         ),
     )
-    for key in ("image_size", "loader", "num_workers"):
-        if key in d and data.dataset in DATASETS and data.dataset != "image_folder":
-            p.add(f"data.{key}", f"applies to dataset: image_folder only, not {data.dataset}")
+    if data.dataset in DATASETS:
+        used = data_keys(data.dataset)
+        for key in d:
+            if key in _keys(DataSpec) and key not in used:
+                users = [name for name in DATASETS if key in data_keys(name)]
+                p.add(f"data.{key}", f"applies to dataset: {' or '.join(users)} only, not {data.dataset}")
+    if data.dataset == PYTHON:
+        data = replace(data, factory=_reference(p, d, "data.factory", "the function that returns the data"),
+                       options=_options(p, d.get("options"), "data.options"))
     return data
+
+
+def _reference(p: _Problems, raw: dict[str, Any], path: str, what: str) -> str | None:
+    """A ``module:function`` entry point (found on disk later, in :func:`load_job`)."""
+    key = path.rpartition(".")[2]
+    value = raw.get(key)
+    if value is None:
+        p.add(path, f"is required: {what}, as {entrypoints.REFERENCE_RULE}")
+        return None
+    if not entrypoints.is_reference(value):
+        p.add(path, f"must be {entrypoints.REFERENCE_RULE}, got {_show(value)}")
+        return None
+    return value
+
+
+def _options(p: _Problems, raw: Any, path: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and k.isidentifier() for k in raw):
+        p.add(path, f"must be a mapping of the factory's keyword arguments (e.g. {{n_samples: 1000}}), got {_show(raw)}")
+        return {}
+    return dict(raw)
 
 
 def _model(p: _Problems, raw: Any) -> ModelSpec:
@@ -491,7 +623,48 @@ def _model(p: _Problems, raw: Any) -> ModelSpec:
     )
     if model.kind != "resnet18" and model.weights != "none":
         p.add("model.weights", f"pretrained weights apply to kind: resnet18 only, not {model.kind}")
+    own = ("factory", "hyperparameters")
+    for key in m:
+        if model.kind == PYTHON and key in ("batch_norm", "weights", "download"):
+            p.add(f"model.{key}", "is a setting of the built-in models; a factory (kind: python) builds its own")
+        elif model.kind != PYTHON and key in own:
+            p.add(f"model.{key}", f"applies to kind: python only (your own model), not {model.kind}")
+    if model.kind == PYTHON:
+        model = replace(model, factory=_reference(p, m, "model.factory", "the function that builds the model"),
+                        hyperparameters=_declared(p, m.get("hyperparameters")))
     return model
+
+
+def _declared(p: _Problems, raw: Any) -> tuple[tuple[str, Any], ...]:
+    """``model.hyperparameters``: the factory's own names, a list, or a mapping to their defaults."""
+    path = "model.hyperparameters"
+    if raw is None:
+        return ()
+    items = [(name, None) for name in raw] if isinstance(raw, list) else list(raw.items()) if isinstance(raw, dict) else None
+    if items is None:
+        p.add(path, f"must be a list of names (e.g. [width, depth]) or a mapping of names to defaults, got {_show(raw)}")
+        return ()
+    out = []
+    for name, default in items:
+        where = _join(path, name)
+        if not isinstance(name, str) or not _KEY_RE.match(name):
+            p.add(where, "must be a name (letters, digits and '_')")
+        elif name in HYPERPARAMETERS and name not in MODEL_HYPERPARAMETERS:
+            p.add(where, f"is the training function's own ({HYPERPARAMETERS[name].rule}); the factory is given it "
+                         "anyway: every trial's hyperparameters are passed to it")
+        elif default is not None and not _scalar(default):
+            p.add(where, f"the default must be a number, a string or true/false, got {_show(default)}")
+        elif name in HYPERPARAMETERS and default is not None and _check_value(p, where, HYPERPARAMETERS[name], default) is None:
+            pass
+        else:
+            out.append((name, _as_number(default) if isinstance(default, str) and name in HYPERPARAMETERS else default))
+    if len({name for name, _ in out}) != len(out):
+        p.add(path, "names a hyperparameter twice")
+    return tuple(out)
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (str, bool, int, float)) and not (isinstance(value, float) and not math.isfinite(value))
 
 
 def _search(p: _Problems, raw: Any) -> SearchSpec:
@@ -564,20 +737,55 @@ def _enqueue(p: _Problems, raw: Any, *, sampler: str) -> str | tuple[dict[str, A
     return tuple(dict(point) for point in raw)
 
 
-def _space(p: _Problems, raw: Any, *, sampler: str) -> tuple[tuple[str, Param], ...]:
+def _code(p: _Problems, raw: Any, *, base: Path | None) -> tuple[str, ...]:
+    """``code``: folders to import the factories from (relative to the job file's folder)."""
+    if raw is None:
+        return ()
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not all(isinstance(item, str) and item for item in items):
+        p.add("code", f"must be a folder, or a list of folders, holding your modules, got {_show(raw)}")
+        return ()
+    out = []
+    for i, item in enumerate(items):
+        folder = (base or Path.cwd()) / os.path.expanduser(item)
+        if not folder.is_dir():
+            p.add("code" if isinstance(raw, str) else f"code[{i}]", f"{folder} is not a folder")
+        elif str(folder.resolve()) not in out:
+            out.append(str(folder.resolve()))
+    return tuple(out)
+
+
+def _extra(name: str, spec: Any) -> Hyperparameter:
+    """A factory's own hyperparameter: its rules are the factory's, so only its kind is checked."""
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "int":
+        return Hyperparameter("int", None, "an integer", lambda v: True)
+    if kind == "float":
+        return Hyperparameter("float", None, "a number", lambda v: True)
+    return Hyperparameter("any", None, "a number, a string or true/false", lambda v: True)
+
+
+def _space(p: _Problems, raw: Any, *, sampler: str, model: ModelSpec) -> tuple[tuple[str, Param], ...]:
     if raw is None:
         return ()
     if not isinstance(raw, dict):
         p.add("space", f"must be a mapping of hyperparameter names to ranges, got {_show(raw)}")
         return ()
+    declared = [name for name, _ in model.hyperparameters]
     out = []
     for name, spec in raw.items():
         path = _join("space", name)
         hp = HYPERPARAMETERS.get(name)
+        if hp is None and name in declared:
+            hp = _extra(name, spec)
         if hp is None:
-            hint = difflib.get_close_matches(str(name), HYPERPARAMETERS, n=1)
+            known = [*HYPERPARAMETERS, *declared]
+            hint = difflib.get_close_matches(str(name), known, n=1)
             did = f"; did you mean {hint[0]!r}?" if hint else ""
-            p.add(path, f"unknown hyperparameter (the training function knows: {', '.join(HYPERPARAMETERS)}){did}")
+            yours = (f"; your factory's, in model.hyperparameters: {', '.join(declared) or 'none declared'}"
+                     if model.kind == PYTHON else "")
+            p.add(path, f"unknown hyperparameter (the training function knows: {', '.join(HYPERPARAMETERS)}"
+                        f"{yours}){did}")
             continue
         param = _param(p, path, hp, spec, sampler=sampler)
         if param is not None:
@@ -588,7 +796,9 @@ def _space(p: _Problems, raw: Any, *, sampler: str) -> tuple[tuple[str, Param], 
 def _check_value(p: _Problems, path: str, hp: Hyperparameter, value: Any) -> Any:
     """One value of a hyperparameter (fixed, a choice, a bound): right type and within its rule."""
     value = _as_number(value)
-    if hp.kind == "choice":
+    if hp.kind == "any":
+        ok = _scalar(value)
+    elif hp.kind == "choice":
         ok = isinstance(value, str) and hp.ok(value)
     elif hp.kind == "int":
         ok = _is_number(value) and float(value).is_integer() and hp.ok(value)
@@ -628,6 +838,9 @@ def _param(p: _Problems, path: str, hp: Hyperparameter, spec: Any, *, sampler: s
         values = [_check_value(p, f"{path}.choices[{i}]", hp, c) for i, c in enumerate(choices)]
         if len(set(map(repr, values))) != len(values):
             p.add(f"{path}.choices", f"has duplicates: {choices}")
+        kinds = {VALUE_KINDS.get(type(v)) for v in values}
+        if hp.kind == "any" and len(kinds) > 1 and kinds != {"int", "float"}:
+            p.add(f"{path}.choices", f"must all be of one kind (numbers, strings, or true/false), got {choices}")
         return None if len(p.items) > n_before else CategoricalParam(tuple(values))
 
     if hp.kind != kind and not (hp.kind == "float" and kind == "int"):
@@ -664,11 +877,24 @@ def _cross_checks(p: _Problems, job: JobSpec) -> None:
         p.add("search.num_samples", f"is {job.search.num_samples}, but the space searches nothing (no space, or "
                                     "every value fixed): every trial would train the same configuration; use "
                                     "num_samples: 1 to train it once, or give a hyperparameter a range")
+    declared = dict(job.model.hyperparameters)
     for name, _ in job.space:
         kinds = MODEL_HYPERPARAMETERS.get(name)
-        if kinds and job.model.kind not in kinds:
+        if kinds and job.model.kind not in kinds and name not in declared:
+            yours = "; to pass it to your factory, name it in model.hyperparameters" if job.model.kind == PYTHON else ""
             p.add(_join("space", name), f"is used by model.kind {' or '.join(kinds)} only, not {job.model.kind}; "
-                                        "remove it or change model.kind")
+                                        f"remove it or change model.kind{yours}")
+    for name, default in declared.items():
+        param = job.param(name)
+        where = _join("model.hyperparameters", name)
+        if param is None and default is None:
+            p.add(where, "has no value: give it a range in space, or a default (model.hyperparameters: "
+                         f"{{{name}: VALUE}})")
+        elif param is not None and default is not None and name not in HYPERPARAMETERS:
+            kinds = {_value_kind(param, None, name), _value_kind(None, default, name)}
+            if len(kinds) > 1 and kinds != {"int", "float"}:
+                p.add(where, f"its default {_show(default)} is not of the kind space.{name} gives "
+                             f"({_value_kind(param, None, name)})")
     sched = job.search.scheduler
     if sched.name == "asha":
         if sched.max_t is None and sched.grace_period > job.max_t:

@@ -75,9 +75,14 @@ def entrypoint(job_file: Path, working_dir: Path, overrides: tuple[str, ...]) ->
 def submit(job_file: Path, *, address: str, overrides: tuple[str, ...] = (), working_dir: Path = Path("."),
            submission_id: str | None = None) -> Submission:
     """Validate the job here, then submit its search to the job server at ``address``."""
-    load_job(job_file, overrides)  # every problem of the file, before anything is sent
+    job = load_job(job_file, overrides)  # every problem of the file, before anything is sent
     if not working_dir.is_dir():
         raise SearchError(f"--working-dir {working_dir}: not a folder")
+    for folder in job.code if job.factories() else ():
+        if folder != os.getcwd() and not Path(folder).is_relative_to(working_dir.resolve()):
+            raise SearchError(f"code: {folder} is outside the working directory {working_dir.resolve()}, which is "
+                              "what Ray uploads: your factories' code would not reach the cluster; move it in, or "
+                              "pass --working-dir with a folder that holds it")
     command = entrypoint(job_file, working_dir, overrides)
     client = _client(address)
     runtime_env = {"working_dir": str(working_dir.resolve()), "excludes": EXCLUDES}

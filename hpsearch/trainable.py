@@ -30,7 +30,6 @@ from torch import nn
 
 from hpsearch.data import Dataset, ImageFiles, Split, normalize, to_device
 from hpsearch.models import build_model, build_optimizer, set_learning_rate
-from hpsearch.hyperparameters import resolve_hyperparameters
 from hpsearch.spec import AugmentSpec, ModelSpec
 
 Report = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
@@ -68,7 +67,7 @@ def train(
     # one piece: the training loop of a PyTorch tutorial, read top to bottom (set-up, epochs,
     # report); split, its hot path would hide behind calls.
     # -- setup --------------------------------------------------------------------------------
-    hp = resolve_hyperparameters(config)
+    hp = model_spec.resolve(config)
     device = torch.device(device)
     if num_threads is not None and device.type == "cpu":
         torch.set_num_threads(max(1, int(num_threads)))
@@ -120,7 +119,8 @@ def _model_and_batches(model_spec: ModelSpec, hp: Mapping[str, Any], data: Datas
     model = build_model(model_spec, hp, input_shape=data.input_shape, num_classes=data.num_classes,
                         pretrained=pretrained).to(device)
     # Convolutions on the CPU are markedly faster channels-last; CUDA picks its own layouts well.
-    channels_last = model_spec.kind != "mlp" and device.type == "cpu" and len(data.input_shape) == 3
+    # Not for a factory's model: its own code may view() its inputs, which needs them contiguous.
+    channels_last = model_spec.kind in ("cnn", "resnet18") and device.type == "cpu" and len(data.input_shape) == 3
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, BatchSource(data, device, channels_last=channels_last)
@@ -153,8 +153,9 @@ class BatchSource:
         from torch.utils.data import DataLoader
 
         workers = self.data.num_workers
+        items = split.items.dataset() if split.items is not None else ImageFiles(split, self.data.input_shape[-1])
         loader = DataLoader(
-            ImageFiles(split, self.data.input_shape[-1]), batch_size=batch_size, shuffle=shuffle,
+            items, batch_size=batch_size, shuffle=shuffle,
             generator=torch.Generator().manual_seed(seed), num_workers=workers,
             pin_memory=self.device.type == "cuda", drop_last=shuffle and len(split) % batch_size == 1,
             persistent_workers=False, prefetch_factor=4 if workers else None,
@@ -162,7 +163,7 @@ class BatchSource:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         for x, y in loader:
             x = normalize(x.to(self.device, non_blocking=True), self.data).contiguous(memory_format=memory_format)
-            yield x, y.to(self.device, non_blocking=True)
+            yield x, y.to(self.device, non_blocking=True).long()
 
 
 def eval_batch(data: Dataset) -> int:
@@ -307,7 +308,8 @@ def join_splits(a: Split, b: Split) -> Split:
 
     x = None if a.x is None or b.x is None else np.concatenate([a.x, b.x])
     files = None if a.files is None or b.files is None else tuple(a.files) + tuple(b.files)
-    return Split(x, np.concatenate([a.y, b.y]), files)
+    items = None if a.items is None or b.items is None else a.items + b.items
+    return Split(x, np.concatenate([a.y, b.y]), files, items)
 
 
 def score_test_set(
@@ -321,10 +323,40 @@ def score_test_set(
     """Accuracy of a checkpointed model on the held-out test split (touched once, for the best)."""
     assert data.test is not None, "test_accuracy needs the driver's data, with its test split"
     device = torch.device(device)
-    hp = resolve_hyperparameters(config)
+    hp = model_spec.resolve(config)
     model, source = _model_and_batches(model_spec, hp, data, device)
     model.load_state_dict(state["model"])
     return evaluate(model, source.eval_batches(data.test))[1]
+
+
+def check_model(config: Mapping[str, Any], *, data: Dataset, model_spec: ModelSpec) -> None:
+    """Build a factory's model once, in the driver, and run two validation samples through it and
+    back: a factory that raises or returns what cannot be trained stops the search before any
+    trial, with the entry point named. Raises :class:`hpsearch.errors.EntryPointError`."""
+    from hpsearch.errors import EntryPointError
+
+    hp = model_spec.resolve(config)
+    data = replace(data, num_workers=0)  # two samples: no DataLoader workers for them
+    model, source = _model_and_batches(model_spec, hp, data, torch.device("cpu"))
+    x, y = next(iter(source.eval_batches(data.val)))
+    x, y = x[:2], y[:2]
+    where = f"model.factory: {model_spec.factory}"
+    if not any(p.requires_grad for p in model.parameters()):
+        raise EntryPointError(f"{where}: its model has no trainable parameters (hyperparameters {hp})")
+    model.train()
+    try:
+        out = model(x)
+    except Exception as e:
+        from hpsearch.entrypoints import user_traceback
+
+        raise EntryPointError(f"{where}: its model fails on a batch of shape {tuple(x.shape)} "
+                              f"(the data's samples are {tuple(data.input_shape)}): {type(e).__name__}: {e}",
+                              user_traceback(e)) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(y), data.num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise EntryPointError(f"{where}: its model must return one score per class, (batch, {data.num_classes}), "
+                              f"for a batch of shape {tuple(x.shape)}; it returned {got}")
+    F.cross_entropy(out, y).backward()
 
 
 # --------------------------------------------------------------------------------------------

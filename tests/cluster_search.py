@@ -5,7 +5,8 @@
 The head and one worker node each give one CPU, so two trials run at once, one per node.
 With --remove-worker, the worker node is removed once a trial on it has reported two epochs:
 its trial must finish on the head from its checkpoint. Prints the worker's node id and the
-search's counts as JSON lines (``WORKER ...``, ``COUNTS ...``). Run by tests/test_cluster.py.
+search's counts as JSON lines (``WORKER ...``, ``COUNTS ...``), and the driver's process id
+(``DRIVER ...``). Run by tests/test_cluster.py.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from hpsearch.spec import load_job  # noqa: E402
 
 
 def main() -> None:
-    job = load_job(sys.argv[1])
+    job = load_job(sys.argv[1])  # a job with factories: its code found beside it, as `hpsearch run` finds it
     remove = "--remove-worker" in sys.argv
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     print("WORKER", json.dumps(worker.node_id), flush=True)
+    print("DRIVER", os.getpid(), flush=True)
     log = SearchLocation.of(job.storage, job.name).local / LOG_FILE
 
     def remove_worker_mid_trial() -> None:

@@ -109,3 +109,59 @@ def write_cifar10(root: Path, *, per_batch: int = 40, seed: int = 0) -> None:
         (folder / name).write_bytes(pickle.dumps(batch))
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+
+
+# The user's own code, as a person would write it: a data factory (digits as float arrays) and a
+# model factory with hyperparameters of its own. Tests write it under a name of their own (modules
+# stay imported in a process, and in Ray's reused workers).
+USER_CODE = '''
+import numpy as np
+from torch import nn
+
+
+def load(scale=1.0):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return {"train": (d.data.astype(np.float32) * scale, d.target), "num_classes": 10}
+
+
+class Net(nn.Module):
+    def __init__(self, features, width, depth, num_classes, act):
+        super().__init__()
+        layers = []
+        for _ in range(depth):
+            layers += [nn.Linear(features, width), nn.Tanh() if act == "tanh" else nn.ReLU()]
+            features = width
+        self.body = nn.Sequential(*layers, nn.Linear(features, num_classes))
+
+    def forward(self, x):
+        return self.body(x.flatten(1))
+
+
+def build(hp, input_shape, num_classes):
+    return Net(int(np.prod(input_shape)), hp["width"], hp["depth"], num_classes, hp["act"])
+'''
+
+
+def write_user_code(folder: Path, module: str, extra: str = "") -> Path:
+    """``folder/module.py``: :data:`USER_CODE` and ``extra`` after it (which may redefine its functions)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{module}.py"
+    path.write_text(USER_CODE + "\n" + extra)
+    return path
+
+
+def user_job(tmp_path: Path, module: str, **sections: Any) -> dict[str, Any]:
+    """A job whose data and model both come from ``module`` (see :func:`write_user_code`)."""
+    job = small_job(tmp_path, data={"dataset": "python", "factory": f"{module}:load"},
+                    model={"kind": "python", "factory": f"{module}:build",
+                           "hyperparameters": {"width": 32, "depth": 1, "act": "relu"}})
+    job["model"].pop("batch_norm")
+    job["space"] = {"width": {"type": "int", "low": 8, "high": 64, "log": True},
+                    "depth": {"type": "categorical", "choices": [1, 2]},
+                    "learning_rate": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+                    "epochs": 3, "batch_size": 64}
+    for key, value in sections.items():
+        job[key] = {**job[key], **value} if isinstance(value, dict) and isinstance(job.get(key), dict) else value
+    return job

@@ -16,11 +16,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from support import REPO
+from support import REPO, write_user_code
 
 LAUNCHER_CONFIGS = ["aws-gpu.yaml", "gcp-gpu.yaml", "onprem.yaml"]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -108,7 +109,8 @@ def test_ray_submit_entry_script_runs_hpsearch_in_the_checkout(tmp_path: Path) -
 # --------------------------------------------------------------------------------------------
 
 
-def _two_node_search(tmp_path: Path, *args: str) -> tuple[str, list[dict], list[dict]]:
+def _two_node_search(tmp_path: Path, *args: str, job_folder: Path | None = None, cwd: Path | None = None,
+                     **sections: Any) -> tuple[str, list[dict], list[dict]]:
     job = {
         "name": "two-nodes", "data": {"dataset": "digits"},
         # Long enough per trial (about 0.4 s an epoch) for a node to be lost while one runs.
@@ -118,11 +120,16 @@ def _two_node_search(tmp_path: Path, *args: str) -> tuple[str, list[dict], list[
                    "searcher": {"sampler": "grid"}},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "storage": str(tmp_path / "runs"),
+        **sections,
     }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "cluster_search.py"), str(tmp_path / "job.yaml"),
-                           *args], capture_output=True, text=True, timeout=420, cwd=tmp_path)
-    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("WORKER ", "COUNTS ")))
+    (job_folder or tmp_path).mkdir(exist_ok=True)
+    (job_folder or tmp_path).joinpath("job.yaml").write_text(yaml.safe_dump(job))
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "cluster_search.py"),
+                           str((job_folder or tmp_path) / "job.yaml"), *args],
+                          capture_output=True, text=True, timeout=420, cwd=cwd or tmp_path)
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines()
+                 if line.startswith(("WORKER ", "COUNTS ", "DRIVER ")))
+    _two_node_search.driver_pid = int(lines.get("DRIVER", 0))  # type: ignore[attr-defined]
     assert done.returncode == 0 and "COUNTS" in lines, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "runs" / "two-nodes"
     assert json.loads(lines["COUNTS"]) == {"completed": 4}
@@ -136,6 +143,33 @@ def test_a_two_node_search_runs_trials_on_both_nodes(tmp_path: Path) -> None:
     assert len(trials) == 4 and all(t["status"] == "completed" and t["epochs_run"] == 10 for t in trials)
     nodes = {e["node_id"] for e in epochs}
     assert len(nodes) == 2 and worker in nodes
+
+
+@pytest.mark.slow
+def test_a_factory_s_code_travels_with_the_search_to_the_other_node(tmp_path: Path) -> None:
+    # The user's module lives only beside the job file, which is not the driver's working
+    # directory; the trials on both nodes import Ray's shipped copy of it, not the file itself.
+    imports = tmp_path / "imports.log"
+    code = tmp_path / "project"
+    write_user_code(code, "ep_cluster", f"""
+import os
+with open({str(imports)!r}, "a") as log:
+    log.write(f"{{os.getpid()}} {{__file__}}\\n")
+""")
+    (tmp_path / "elsewhere").mkdir()
+    worker, trials, epochs = _two_node_search(
+        tmp_path, job_folder=code, cwd=tmp_path / "elsewhere",
+        model={"kind": "python", "factory": "ep_cluster:build",
+               "hyperparameters": {"width": 32, "depth": 1, "act": "relu"}},
+        space={"epochs": 4, "batch_size": 16,
+               "learning_rate": {"type": "categorical", "choices": [0.01, 0.012, 0.014, 0.016]}})
+    assert {e["node_id"] for e in epochs} >= {worker} and len({e["node_id"] for e in epochs}) == 2  # both nodes
+    rows = [line.split(" ", 1) for line in imports.read_text().splitlines()]
+    driver = str(_two_node_search.driver_pid)  # type: ignore[attr-defined]
+    assert [path for pid, path in rows if pid == driver] == [str(code / "ep_cluster.py")]
+    in_trials = {path for pid, path in rows if pid != driver}
+    assert in_trials and all("runtime_resources" in path and path.endswith("ep_cluster.py") for path in in_trials)
+    assert len(trials) == 4 and all(t["status"] == "completed" for t in trials)
 
 
 @pytest.mark.slow

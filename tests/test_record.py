@@ -52,7 +52,7 @@ def _write_log(path: Path) -> None:
 def test_folding_a_hand_written_log(tmp_path: Path) -> None:
     log = tmp_path / trial_log.LOG_FILE
     _write_log(log)  # its last line cut short, as by a kill
-    records = {r.trial_id: r for r in trial_log.fold(log, experiment=str(tmp_path), model_kind="mlp")}
+    records = {r.trial_id: r for r in trial_log.fold(log, experiment=str(tmp_path), used="mlp")}
     assert set(records) == {"a", "b", "c", "d", "e"}  # the orphan is no trial of the search
     assert {tid: r.status for tid, r in records.items()} == {
         "a": TrialStatus.COMPLETED, "b": TrialStatus.STOPPED_EARLY, "c": TrialStatus.COMPLETED,
@@ -166,7 +166,7 @@ def test_outputs_written_and_read_back(tmp_path: Path) -> None:
     log = tmp_path / trial_log.LOG_FILE
     _write_log(log)
     _checkpoint(tmp_path / "trial_c", "checkpoint_000000", {"epoch": 2, "val_accuracy": 0.8})
-    records = trial_log.fold(log, experiment=str(tmp_path), model_kind="mlp")
+    records = trial_log.fold(log, experiment=str(tmp_path), used="mlp")
     scored = []
 
     def test_score(folder: str, config: dict) -> tuple[float, object]:

@@ -60,11 +60,18 @@ def valid_jobs(draw: st.DrawFn) -> dict[str, Any]:
                                st.builds(lambda g, r: {"name": "asha", "max_t": 60, "grace_period": g,
                                                        "reduction_factor": r},
                                          st.integers(1, 60), st.integers(2, 5))))
+    dataset = draw(st.sampled_from(DATASETS))
+    model: dict[str, Any] = {"kind": kind}
+    if kind == "python":  # the user's own model, with hyperparameters of its own
+        own = draw(st.lists(st.sampled_from(["width", "depth", "act"]), unique=True))
+        model.update(factory="my_models:build", hyperparameters={n: {"act": "relu"}.get(n, 8) for n in own})
+        space.update({n: draw(st.sampled_from([{"type": "int", "low": 1, "high": 9}, 4])) for n in own if n != "act"})
     return {
         "name": draw(st.from_regex(r"[a-z][a-z0-9_-]{0,12}", fullmatch=True)),
         "seed": draw(st.integers(0, 2**31)),
-        "data": {"dataset": draw(st.sampled_from(DATASETS)), "val_fraction": draw(st.floats(0.01, 0.5))},
-        "model": {"kind": kind},
+        "data": {"dataset": dataset, "val_fraction": draw(st.floats(0.01, 0.5)),
+                 **({"factory": "my_data:load", "options": {"n": 3}} if dataset == "python" else {})},
+        "model": model,
         "space": space,
         # A space that searches nothing runs one trial (several would train the same configuration).
         "search": {"metric": metric, "mode": mode,

@@ -15,11 +15,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "hpsearch"
 
 LAYERS = [
-    {"hpsearch", "hpsearch.errors"},
+    {"hpsearch", "hpsearch.errors", "hpsearch.entrypoints"},
     {"hpsearch.hyperparameters"},
     {"hpsearch.spec"},
     {"hpsearch.space", "hpsearch.plan"},
-    {"hpsearch.data", "hpsearch.models", "hpsearch.trainable"},
+    {"hpsearch.data", "hpsearch.user_data", "hpsearch.models", "hpsearch.trainable"},
     {"hpsearch.record", "hpsearch.record.location", "hpsearch.record.trial_log", "hpsearch.record.checkpoints",
      "hpsearch.record.outputs", "hpsearch.record.study"},
     {"hpsearch.tracking", "hpsearch.report", "hpsearch.status", "hpsearch.progress"},

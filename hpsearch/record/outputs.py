@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping, TypedDict
 import yaml
 
 from hpsearch.errors import SearchError
-from hpsearch.hyperparameters import HYPERPARAMETERS, hyperparameter_names
+from hpsearch.hyperparameters import HyperparameterSet
 from hpsearch.record.location import Remote, is_uri
 from hpsearch.record.trial_log import EPOCH_METRICS, LOG_FILE, STATE_FILE, TrialRecord, choose_best, is_finite
 
@@ -132,8 +132,8 @@ def write_outputs(
     saved as ``best_model.pt``. ``final``: the best configuration's retraining on train +
     validation, kept in ``best.yaml`` as ``retrained`` when it is of the best trial.
     """
-    kind = records[0].model_kind if records else None
-    write_parquet(out_dir / TRIALS_FILE, trial_rows(records, metric=metric, mode=mode), _trial_schema(kind))
+    used = records[0].used if records else None
+    write_parquet(out_dir / TRIALS_FILE, trial_rows(records, metric=metric, mode=mode), _trial_schema(used))
     write_parquet(out_dir / EPOCHS_FILE, epoch_rows(records), _epoch_schema())
 
     chosen = choose_best(records, metric=metric, mode=mode)
@@ -166,12 +166,13 @@ def write_outputs(
     return best
 
 
-def _trial_schema(kind: str | None = None) -> Any:
+def _trial_schema(used: str | HyperparameterSet | None = None) -> Any:
     import pyarrow as pa
 
-    types = {"int": pa.int64(), "float": pa.float64(), "choice": pa.string()}
+    types = {"int": pa.int64(), "float": pa.float64(), "choice": pa.string(), "bool": pa.bool_()}
     fields = [("trial_id", pa.string()), ("status", pa.string()), ("error", pa.string())]
-    fields += [(name, types[HYPERPARAMETERS[name].kind]) for name in hyperparameter_names(kind)]
+    hps = used if isinstance(used, HyperparameterSet) else HyperparameterSet(used)
+    fields += [(name, types[hps.kind_of(name)]) for name in hps.names()]
     fields += [("epochs_run", pa.int64())]
     fields += [(f"last_{m}", pa.float64()) for m in EPOCH_METRICS]
     fields += [(f"best_{m}", pa.float64()) for m in EPOCH_METRICS]

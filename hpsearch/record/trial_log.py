@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from hpsearch.hyperparameters import resolve_hyperparameters
+from hpsearch.hyperparameters import HyperparameterSet, resolve_hyperparameters
 from hpsearch.record import checkpoints
 from hpsearch.record.location import join, trial_dirname
 from hpsearch.spec import JobSpec
@@ -94,11 +94,12 @@ class TrialRecord:
     error: str | None = None
     checkpoints: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (folder, its result)
     ended: bool = True  # False: still running when the search stopped (it continues on resume)
-    model_kind: str | None = None  # the hyperparameters shown are the ones this model uses
+    # The hyperparameters shown: those this model kind (or this job, JobSpec.hyperparameters) uses.
+    used: str | HyperparameterSet | None = None
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
-        return resolve_hyperparameters(self.config, self.model_kind)
+        return resolve_hyperparameters(self.config, self.used)
 
     @property
     def status(self) -> TrialStatus:
@@ -173,6 +174,29 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
+def recover_cut_epochs(log_path: Path, *, experiment: str) -> list[tuple[str, dict[str, Any]]]:
+    """Put back in the log the epochs a killed driver never logged, from their checkpoints.
+
+    The trial checkpoints an epoch (its metrics beside its state) before the driver hears of it;
+    a driver killed in between loses that epoch's line, and the resumed trial goes on from the
+    checkpoint, after it. Run before Tune resumes (which may delete the checkpoint). Returns the
+    (trial id, result) put back, each logged with ``recovered: true``.
+    """
+    events = read_events(log_path)
+    logged = {(e.get("trial_id"), int(e.get("epoch") or 0)) for e in events if e["event"] == "result"}
+    started = list(dict.fromkeys(e["trial_id"] for e in events if e["event"] == "start"))
+    recovered = []
+    for tid in started:
+        for _, metrics in checkpoints.with_metrics(join(experiment, trial_dirname(tid))):
+            epoch = int(metrics.get("epoch") or 0)
+            if epoch and (tid, epoch) not in logged:
+                result = {k: metrics.get(k) for k in RESULT_KEYS}
+                append_event(log_path, {"event": "result", "trial_id": tid, **result, "recovered": True})
+                logged.add((tid, epoch))
+                recovered.append((tid, result))
+    return recovered
+
+
 def ended_trials(path: Path) -> dict[str, TrialStatus]:
     """Trial id -> status of every trial the log saw end (and not start again since)."""
     ended: dict[str, TrialStatus] = {}
@@ -184,7 +208,7 @@ def ended_trials(path: Path) -> dict[str, TrialStatus]:
     return ended
 
 
-def fold(log_path: Path, *, experiment: str, model_kind: str | None = None) -> list[TrialRecord]:
+def fold(log_path: Path, *, experiment: str, used: str | HyperparameterSet | None = None) -> list[TrialRecord]:
     """Fold the log into one record per trial (epochs de-duplicated across retries and resumes),
     each with its whole checkpoints in ``experiment`` (``<storage>/<name>``, a path or a URI).
 
@@ -197,7 +221,7 @@ def fold(log_path: Path, *, experiment: str, model_kind: str | None = None) -> l
     for e in read_events(log_path):
         tid = e.get("trial_id")
         if e["event"] == "start":
-            rec = by_id.setdefault(tid, TrialRecord(trial_id=tid, config=e["config"], model_kind=model_kind))
+            rec = by_id.setdefault(tid, TrialRecord(trial_id=tid, config=e["config"], used=used))
             rec.error, rec.ended = None, False  # a resumed trial starts its outcome over
         elif e["event"] == "trials":
             known = set(e["ids"])
@@ -217,7 +241,7 @@ def fold_search(log_path: Path, job: JobSpec, *, experiment: str, fit_s: float
                 ) -> tuple[list[TrialRecord], StopReason | None, str | None]:
     """The trials' records after ``fit()`` ran for ``fit_s`` seconds, why the search stopped early
     (None: it finished) and a note for users (how the time budget ended it)."""
-    records = fold(log_path, experiment=experiment, model_kind=job.model.kind)
+    records = fold(log_path, experiment=experiment, used=job.hyperparameters)
     budget = job.search.time_budget_s
     budget_hit = bool(budget) and fit_s >= budget * 0.98
     if budget_hit:

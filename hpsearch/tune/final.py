@@ -87,7 +87,7 @@ def retrain(job: JobSpec, config: dict, *, dataset: Dataset, epochs: int, seeds:
     """
     task = ray.remote(trial.retrain_task).options(num_cpus=job.resources.cpu, num_gpus=gpu, max_retries=1)
     data_ref = ray.put(dataset)
-    refs = [task.remote(config, data=data_ref, model_spec=job.model, epochs=epochs, seed=seed,
+    refs = [task.remote(config, data=data_ref, model_spec=job.model, epochs=epochs, seed=seed, code=job.code,
                         cpus=job.resources.cpu, gpus=gpu, pretrained=pretrained) for seed in seeds]
     try:
         return [round(float(a), 6) for a in ray.get(refs)]

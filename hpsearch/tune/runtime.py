@@ -58,8 +58,12 @@ def import_search_modules() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def init_ray(address: str | None) -> bool:
-    """Start embedded Ray on loopback, or connect to ``address``. Returns True if we started it."""
+def init_ray(address: str | None, py_modules: list[str] | None = None) -> bool:
+    """Start embedded Ray on loopback, or connect to ``address``. Returns True if we started it.
+
+    ``py_modules``: the job's own modules (files, package folders), sent to the cluster's nodes
+    for its trials to import.
+    """
     import_ray(address)
     import ray
 
@@ -75,6 +79,8 @@ def init_ray(address: str | None) -> bool:
             ray.init(address="local", include_dashboard=False,
                      _system_config={"prestart_worker_first_driver": False}, **kwargs)
         else:
+            if py_modules:
+                kwargs["runtime_env"] = {"py_modules": list(py_modules), "excludes": ["__pycache__", "*.pyc"]}
             ray.init(address=address, **kwargs)
     except Exception as e:
         raise SearchError(f"--address {address}: cannot connect to Ray: {str(e).strip().splitlines()[0]}"
@@ -98,8 +104,8 @@ class SetUp:
     undone: each thread's ``undo`` (once it has finished), then Ray, if this set-up started it.
     """
 
-    def __init__(self, address: str | None) -> None:
-        self.address = address
+    def __init__(self, address: str | None, *, py_modules: list[str] | None = None) -> None:
+        self.address, self.py_modules = address, py_modules
         self.started_ray = False
         self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="hpsearch-setup")
         self._futures: list[Future[Any]] = []
@@ -118,7 +124,7 @@ class SetUp:
             future.result()
 
     def start_ray(self) -> None:
-        self.started_ray = init_ray(self.address)
+        self.started_ray = init_ray(self.address, self.py_modules)
 
     def __enter__(self) -> SetUp:
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from hpsearch.spec import ModelSpec
 
 
 def run_trial(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, seed: int, cpus: float, gpus: float,
-              search_dir: str = "", ended: frozenset[str] = frozenset(), pretrained: Any = None) -> None:
+              search_dir: str = "", ended: frozenset[str] = frozenset(), pretrained: Any = None,
+              code: tuple[str, ...] = ()) -> None:
     """Tune's trainable: adapts :func:`hpsearch.trainable.train` to ``tune.report`` and checkpoints.
 
     ``search_dir``: the search's folder in the storage (a path or a URI), where the trial's
@@ -31,9 +33,11 @@ def run_trial(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, s
     snapshot, which can be older than a trial's end; such a trial must not run again (an
     ASHA-stopped one would otherwise train to its full budget).
     ``pretrained``: ResNet-18's starting weights, read once by the driver.
+    ``code``: the folders the job's own code (its factories) is imported from.
     """
-    from hpsearch import trainable
+    from hpsearch import entrypoints, trainable
 
+    entrypoints.on_path(code)
     trial_id = tune.get_context().get_trial_id()
     if trial_id in ended:
         return
@@ -58,7 +62,9 @@ def run_trial(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, s
             return
         with tempfile.TemporaryDirectory() as folder:
             trainable.save_state(to_save, Path(folder) / checkpoints.STATE_FILE)
-            (Path(folder) / checkpoints.METRICS_FILE).write_text(json.dumps(metrics))  # last: it is whole
+            # Last: the checkpoint is whole. Its metrics put the epoch back in the record if the
+            # driver is killed before it logs them (hpsearch.record.trial_log.recover_cut_epochs).
+            (Path(folder) / checkpoints.METRICS_FILE).write_text(json.dumps({**metrics, "timestamp": time.time()}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     trainable.train_on_device(config, data=data, model_spec=model_spec, report=report, state=state, gpus=gpus,
@@ -78,9 +84,10 @@ def _newest_state(trial_location: str) -> dict[str, Any] | None:
 
 
 def retrain_task(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, epochs: int, seed: int,
-                 cpus: float, gpus: float, pretrained: Any = None) -> float:
+                 cpus: float, gpus: float, pretrained: Any = None, code: tuple[str, ...] = ()) -> float:
     """One retraining of the best configuration (a Ray task): its test accuracy."""
-    from hpsearch import trainable
+    from hpsearch import entrypoints, trainable
 
+    entrypoints.on_path(code)
     return trainable.retrain_on_device(config, data=data, model_spec=model_spec, epochs=epochs, seed=seed,
                                        gpus=gpus, cpus=cpus, pretrained=pretrained)

@@ -27,7 +27,7 @@ def trainable(job: JobSpec, where: SearchLocation, *, dataset: Dataset, gpu: flo
     return tune.with_resources(
         tune.with_parameters(
             trial_fn or trial.run_trial, data=dataset.for_trials(), model_spec=job.model, seed=job.seed,
-            cpus=job.resources.cpu, gpus=gpu, search_dir=where.experiment, ended=ended,
+            cpus=job.resources.cpu, gpus=gpu, search_dir=where.experiment, ended=ended, code=job.code,
             **({"pretrained": pretrained} if pretrained is not None else {}),
         ),
         {"cpu": job.resources.cpu, "gpu": gpu},
