@@ -419,15 +419,48 @@ def find_images(folder: Path) -> tuple[tuple[str, ...], list[str], np.ndarray]:
         raise DataError(f"data.root: {folder} has no class folders; put each class's images in "
                         f"{folder}/<class name>/")
     files, labels = [], []
+    ignored: dict[str, int] = {}
     for label, name in enumerate(classes):
-        found = sorted(str(f) for f in (folder / name).rglob("*")
-                       if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        found = []
+        for f in sorted((folder / name).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(str(f))
+            elif f.is_file() and not f.name.startswith("."):
+                ignored[f.suffix.lower() or f.name] = ignored.get(f.suffix.lower() or f.name, 0) + 1
         if not found:
             raise DataError(f"{folder / name}: no images ({', '.join(IMAGE_EXTENSIONS)}); every class folder "
                             "needs at least one")
+        if len(found) == 1:
+            logger.warning("%s: one image only; a class needs several to be both trained on and scored",
+                           folder / name)
         files += found
         labels += [label] * len(found)
+    if ignored:
+        logger.warning("%s: ignored %d file(s) that are not images (%s)", folder, sum(ignored.values()),
+                       ", ".join(f"{n} {kind}" for kind, n in sorted(ignored.items())))
     return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def check_images(files: list[str]) -> None:
+    """Every file opens as an image (its header read, not its pixels): a streamed set's broken
+    file is named before any trial, not by every trial that reaches it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def opens(path: str) -> str | None:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+            return None
+        except Exception as e:
+            return f"{path}: cannot be read as an image ({e}); remove or replace it"
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = [p for p in pool.map(opens, files) if p]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
 
 
 def read_image(path: str, size: int) -> np.ndarray:
@@ -464,6 +497,8 @@ def _image_folder(spec: DataSpec, *, seed: int) -> Dataset:
     shape = (3, size, size)
 
     if spec.loader == "stream":
+        check_images(files + test_files)
+
         def split(idx: Any, names: list[str], y: np.ndarray) -> Split:
             return Split(None, y[idx], tuple(names[i] for i in idx))
 

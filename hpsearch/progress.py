@@ -114,3 +114,38 @@ def _clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Forecast:
+    """Warns, once, when a search without a time budget is on course to run for weeks: the epochs
+    its plan expects (:func:`hpsearch.plan.make_plan`) at the pace of its first epochs."""
+
+    WARN_AFTER_S = 7 * 24 * 3600
+    SAMPLE = 8  # epochs measured before forecasting
+
+    def __init__(self, *, expected_epochs: float, slots: int, budget_s: float | None) -> None:
+        self.expected_epochs, self.slots, self.budget_s = expected_epochs, max(1, slots), budget_s
+        self._times: list[float] = []
+        self._said = budget_s is not None
+
+    def epoch(self, epoch_time_s: Any) -> str | None:
+        """Count one epoch's time; the warning, the first time the forecast passes a week."""
+        if self._said or not isinstance(epoch_time_s, (int, float)) or not math.isfinite(epoch_time_s):
+            return None
+        self._times.append(float(epoch_time_s))
+        if len(self._times) < self.SAMPLE:
+            return None
+        pace = sorted(self._times)[len(self._times) // 2]
+        eta = self.expected_epochs * pace / self.slots
+        if eta < self.WARN_AFTER_S:
+            self._said = len(self._times) >= 4 * self.SAMPLE  # a few looks, then quiet
+            return None
+        self._said = True
+        return (f"this search is on course to take about {_duration(eta)} ({self.expected_epochs:.0f} epochs "
+                f"expected, about {pace:.2g} s each, {self.slots} at once); set search.time_budget_s, or fewer "
+                "search.num_samples or epochs")
+
+
+def _duration(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days / 365:.1f} years" if days >= 365 else f"{days:.0f} days"

@@ -98,3 +98,50 @@ def test_run_with_stdout_redirected_prints_the_plain_lines(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[1/3] trial" in proc.stdout and "[3/3] trial" in proc.stdout and "outputs:" in proc.stdout
     assert "search |" not in proc.stdout + proc.stderr and "\r" not in proc.stdout + proc.stderr
+
+
+def test_the_forecast_warns_once_when_a_search_would_take_weeks() -> None:
+    from hpsearch.progress import Forecast
+
+    weeks = Forecast(expected_epochs=1e7, slots=2, budget_s=None)
+    said = [weeks.epoch(0.5) for _ in range(40)]
+    assert [s for s in said if s] == [said[7]]  # after the first 8 epochs, once
+    assert "about 29 days (10000000 epochs expected, about 0.5 s each, 2 at once)" in said[7]
+    assert "search.time_budget_s" in said[7]
+    days = Forecast(expected_epochs=1e5, slots=2, budget_s=None)
+    assert not any(days.epoch(0.5) for _ in range(40))  # 7 hours: no warning
+    budget = Forecast(expected_epochs=1e9, slots=1, budget_s=600)
+    assert not any(budget.epoch(1.0) for _ in range(40))  # the budget ends it
+
+
+def test_a_search_that_would_take_years_says_so_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from support import small_job, write_job
+
+    job = small_job(tmp_path, search={"num_samples": 1_000_000, "scheduler": {"name": "fifo"}},
+                    tracking={"enabled": False})
+    job["space"] = {"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2}, "epochs": 1000, "batch_size": 64}
+    path = write_job(tmp_path / "job.yaml", job)
+    proc = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "run", str(path)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    try:
+        deadline = time.time() + 180
+        for line in proc.stdout:
+            lines.append(line)
+            if "on course to take" in line or time.time() > deadline:
+                break
+        os.kill(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    warning = next((line for line in lines if "on course to take" in line), "")
+    assert "years" in warning and "1000000000 epochs expected" in warning, "".join(lines)[-3000:]
+    assert proc.returncode == 130, rest[-2000:]

@@ -13,7 +13,7 @@ from ray import tune
 from hpsearch.record.location import Remote
 from hpsearch.record.study import StudyWriter
 from hpsearch.record.trial_log import RESULT_KEYS, TrialRecord, TrialStatus, append_event, ended_trials, trial_status
-from hpsearch.progress import Progress
+from hpsearch.progress import Forecast, Progress
 from hpsearch.tracking import Tracker
 
 logger = logging.getLogger("hpsearch.search")
@@ -46,7 +46,7 @@ class SearchCallback(tune.Callback):
 
     def __init__(self, *, log_path: str, metric: str, num_samples: int, tracker: Tracker | None,
                  limit: FailedTrialsLimit, upload_to: str | None = None, progress: Progress | None = None,
-                 study: StudyWriter | None = None) -> None:
+                 study: StudyWriter | None = None, forecast: Forecast | None = None) -> None:
         self.log_path = log_path
         self.upload_to = upload_to  # a URI storage's <storage>/<name>: the log is copied there as trials end
         self._remote: Any = None
@@ -56,6 +56,7 @@ class SearchCallback(tune.Callback):
         self.limit = limit
         self.progress = progress  # the live area on a terminal
         self.study = study  # optuna.journal, a trial added as it ends
+        self.forecast = forecast  # warns when the search is on course to run for weeks
         self._epochs: dict[str, list[dict[str, Any]]] = {}  # this driver's results of each trial
         self._last: dict[str, dict[str, Any]] = {}
         self._started: set[str] = set()
@@ -96,6 +97,9 @@ class SearchCallback(tune.Callback):
             self.tracker.trial_result(trial.trial_id, keep)
         if self.progress is not None:
             self.progress.trial_result(trial.trial_id, keep.get(self.metric))
+        warning = self.forecast.epoch(keep.get("epoch_time_s")) if self.forecast is not None else None
+        if warning:
+            logger.warning("%s", warning)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._write({"event": "retry", "trial_id": trial.trial_id, "error": _error_text(trial)})

@@ -7,9 +7,9 @@ from typing import Any, Callable
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
-from hpsearch import space
+from hpsearch import plan, space
 from hpsearch.data import Dataset
-from hpsearch.progress import Progress
+from hpsearch.progress import Forecast, Progress
 from hpsearch.record.location import SearchLocation, trial_dirname
 from hpsearch.record.study import StudyWriter
 from hpsearch.record.trial_log import LOG_FILE, ended_trials
@@ -59,10 +59,12 @@ def build(job: JobSpec, where: SearchLocation, fn: Any, *, tracker: Tracker | No
     limit = callbacks.FailedTrialsLimit(job.search.max_failed_trials)
     progress = Progress(num_samples=job.search.num_samples, metric=metric, mode=mode,
                         budget_s=job.search.time_budget_s)
+    expected = plan.make_plan(job).expected_epochs
+    forecast = Forecast(expected_epochs=expected, slots=concurrency or 1, budget_s=job.search.time_budget_s)
     record = callbacks.SearchCallback(log_path=str(where.local / LOG_FILE), metric=metric,
                                       upload_to=where.remote_uri, num_samples=job.search.num_samples,
                                       tracker=tracker, limit=limit, progress=progress,
-                                      study=StudyWriter(str(where.local), job))
+                                      study=StudyWriter(str(where.local), job), forecast=forecast)
     return tune.Tuner(
         fn,
         tune_config=tune.TuneConfig(
