@@ -276,9 +276,24 @@ class JobSpec:
             del d["code"]
         d["resources"]["gpu"] = "auto" if self.resources.gpu is None else self.resources.gpu
         d["tracking"]["experiment"] = self.experiment
+        if self.tracking.uri:  # a password in the URI stays out of job.yaml, logs and MLflow's params
+            d["tracking"]["uri"] = without_credentials(self.tracking.uri)[0]
         d["search"]["scheduler"] = ({"name": "fifo"} if self.search.scheduler.name == "fifo"
                                     else {**d["search"]["scheduler"], "max_t": self.max_t})
         return d
+
+
+def without_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``http://user:pass@host/path`` → (``http://host/path``, user, pass); other URIs unchanged."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc or parts.scheme in ("", "file", "sqlite"):
+        return uri, None, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return (urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)), unquote(user) or None,
+            unquote(password) or None)
 
 
 def _value_kind(param: Param | None, default: Any, name: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hpsearch.errors import StorageError
+from hpsearch.spec import without_credentials
 from hpsearch.record.trial_log import EPOCH_METRICS, TrialStatus
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,13 @@ def resolve_uri(uri: str | None) -> str:
     """The MLflow URI the driver uses (``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
     ``sqlite:///mlflow.db``), made absolute: Ray runs trials in other folders."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    # Credentials in the URI go where MLflow's client reads them (its basic-auth variables), so
+    # the URI hpsearch keeps, shows and stores holds no password. A resume needs them set again.
+    uri, user, password = without_credentials(uri)
+    if user:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+    if password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(os.path.expanduser(uri[len("sqlite:///"):])).resolve())
     elif "://" not in uri:

@@ -322,7 +322,10 @@ def test_tracking_to_an_mlflow_server(ray_runtime, tmp_path: Path) -> None:
                     "mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
                 time.sleep(0.5)
         uri = f"http://127.0.0.1:{port}"
-        job = small_job(tmp_path, tracking={"uri": uri}, search={"num_samples": 2})
+        # Credentials in the URI (the server takes any): used, and written nowhere.
+        secret = "pa55-w0rd-never-shown"
+        job = small_job(tmp_path, tracking={"uri": f"http://alice:{secret}@127.0.0.1:{port}"},
+                        search={"num_samples": 2})
         result, out = run_job(tmp_path, job)
         assert result.exit_code == 0, result.output
         assert f"MLflow:   {uri}" in result.output
@@ -330,6 +333,13 @@ def test_tracking_to_an_mlflow_server(ray_runtime, tmp_path: Path) -> None:
         runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
         assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # a parent and two trials
         assert not (tmp_path / "mlflow.db").exists()
+        assert secret not in result.output
+        for written in out.rglob("*"):
+            if written.is_file() and written.suffix in (".yaml", ".json", ".jsonl", ".html", ".journal", ".parquet"):
+                assert secret.encode() not in written.read_bytes(), written
+        for run in runs:
+            assert not [k for k, v in run.data.params.items() if secret in v], run.data.params
+            assert not [k for k, v in run.data.tags.items() if secret in v]
     finally:
         import os
         import signal
