@@ -272,12 +272,17 @@ def _write_outputs(job: JobSpec, where: SearchLocation, records: list[TrialRecor
     _write_report(where)
     if tracker is not None:
         # One child run per trial of the search, with our status; orphans and duplicates closed.
-        tracker.reconcile({r.trial_id: r.status for r in records})
-        files = [where.local / name for name in (outputs.BEST_FILE, outputs.TRIALS_FILE, outputs.EPOCHS_FILE,
-                                                 outputs.REPORT_FILE)]
-        interrupted = reason in (StopReason.INTERRUPTED, StopReason.INTERRUPTED_IN_FINAL)
-        tracker.finish(best=best, files=files, model_file=where.local / outputs.MODEL_FILE,
-                       status="KILLED" if interrupted else ("FINISHED" if best else "FAILED"))
+        # A server lost mid-search: what it missed, from the record (or what is lost, said).
+        log = where.local / trial_log.LOG_FILE
+        if tracker.catch_up(records, trial_log.tracking_lost(log)):
+            trial_log.append_event(log, {"event": trial_log.TRACKING_CAUGHT_UP})
+        if tracker.lost_since is None:  # else it is still away: said (the search's own files have it all)
+            tracker.reconcile({r.trial_id: r.status for r in records})
+            files = [where.local / name for name in (outputs.BEST_FILE, outputs.TRIALS_FILE, outputs.EPOCHS_FILE,
+                                                     outputs.REPORT_FILE)]
+            interrupted = reason in (StopReason.INTERRUPTED, StopReason.INTERRUPTED_IN_FINAL)
+            tracker.finish(best=best, files=files, model_file=where.local / outputs.MODEL_FILE,
+                           status="KILLED" if interrupted else ("FINISHED" if best else "FAILED"))
     where.upload(*outputs.DRIVER_FILES)
     return best
 

@@ -8,6 +8,10 @@ hyperparameters as params, its metrics per epoch with ``step=epoch`` and its fin
 client object does not pickle. A tracking error during a search is logged, never raised: losing a
 metric line must not lose a search. Errors while setting up (:meth:`Tracker.start`) are raised,
 before any trial runs.
+
+A server that stops answering mid-search is said once; the trials' writes are skipped while it is
+away (looked for again every :data:`RETRY_S`), and when the search ends :meth:`Tracker.catch_up`
+writes what MLflow missed from the search's own record, or says what it lost.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +34,10 @@ TRIAL_ID_TAG = "hpsearch.trial_id"
 STATUS_TAG = "hpsearch.status"
 METRIC_KEYS = (*EPOCH_METRICS, "epoch_time_s")  # logged per epoch, step = epoch
 DEFAULT_URI = "sqlite:///mlflow.db"
+RETRY_S = 30.0  # a lost server is tried again this often
+# MLflow's HTTP client retries a call for minutes by default; a search should not wait on it.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 # our trial status -> MLflow run status
 _RUN_STATUS = {TrialStatus.COMPLETED: "FINISHED", TrialStatus.STOPPED_EARLY: "FINISHED",
                TrialStatus.FAILED: "FAILED", TrialStatus.DIVERGED: "FAILED", TrialStatus.NOT_RUN: "FINISHED",
@@ -62,6 +71,12 @@ class Tracker:
         self._runs: dict[str, str] = {}  # trial id -> child run id
         self._client: Any = None
         self._writer: Any = None  # one background thread for per-trial writes, created on first use
+        self.lost_since: float | None = None  # when the server stopped answering (None: it answers)
+        self.missed = 0  # trial writes skipped or failed since
+        self._next_try = 0.0
+        if uri.startswith(("http://", "https://")):
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -147,7 +162,7 @@ class Tracker:
                 self._runs[trial_id] = run.info.run_id
 
     def trial_started(self, trial_id: str, config: Mapping[str, Any]) -> None:
-        self._submit(self._trial_started, trial_id, dict(config))
+        self._submit(self._trial_write, self._trial_started, trial_id, dict(config))
 
     def _trial_started(self, trial_id: str, config: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -169,7 +184,7 @@ class Tracker:
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.items()])
 
     def trial_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
-        self._submit(self._trial_result, trial_id, dict(result))
+        self._submit(self._trial_write, self._trial_result, trial_id, dict(result))
 
     def _trial_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -183,7 +198,64 @@ class Tracker:
         self.client.log_batch(run_id, metrics=metrics)
 
     def trial_ended(self, trial_id: str, status: TrialStatus, error: str | None = None) -> None:
-        self._submit(self._trial_ended, trial_id, status, error)
+        self._submit(self._trial_write, self._trial_ended, trial_id, status, error)
+
+    def _trial_write(self, fn: Any, *args: Any) -> None:
+        """One trial's write; while the server is away, skipped (and counted) between tries."""
+        if self.lost_since is not None and time.time() < self._next_try:
+            self.missed += 1
+            return
+        try:
+            fn(*args)
+        except Exception as e:
+            self.missed += 1
+            self._next_try = time.time() + RETRY_S
+            if self.lost_since is None:
+                self.lost_since = time.time()
+                logger.warning("MLflow: %s stopped answering (%s); the search goes on, its record is in its "
+                               "own files, and MLflow is caught up when the search ends", self.uri, _one_line(e))
+            return
+        if self.lost_since is not None:
+            logger.info("MLflow: %s answers again", self.uri)
+            self._next_try = 0.0
+
+    def catch_up(self, records: list[Any], lost: Mapping[str, Any] | None = None) -> bool:
+        """After a server was lost (here, or by the search's callback: ``lost``, its log event):
+        each trial's run, params and every epoch's metrics written from the search's record (what
+        MLflow has already is not written twice). True if MLflow was caught up."""
+        self.flush()
+        since = self.lost_since or (lost or {}).get("since")
+        missed = self.missed or int((lost or {}).get("missed") or 0)
+        if since is None:
+            return False
+        try:
+            self._catch_up(records)
+        except Exception as e:
+            when = time.strftime("%H:%M:%S", time.localtime(since))
+            logger.warning("MLflow: %s still does not answer (%s): %d trial write(s) since %s are missing there; "
+                           "every trial and epoch is in trials.parquet and epochs.parquet", self.uri, _one_line(e),
+                           missed, when)
+            self.lost_since, self.missed = since, missed
+            return False
+        logger.info("MLflow: caught up with the %d trial write(s) the lost server missed", missed)
+        self.lost_since, self.missed = None, 0
+        return True
+
+    def _catch_up(self, records: list[Any]) -> None:
+        from mlflow.entities import Metric
+
+        self._adopt_existing_runs()
+        for record in records:
+            if record.trial_id not in self._runs:
+                self._trial_started(record.trial_id, record.config)
+            run_id = self._runs[record.trial_id]
+            have = {m.step for m in self.client.get_metric_history(run_id, METRIC_KEYS[-1])}
+            now = int(time.time() * 1000)
+            missing = [Metric(k, float(e[k]), now, int(e.get("epoch", 0))) for e in record.epochs
+                       if int(e.get("epoch", 0)) not in have for k in METRIC_KEYS
+                       if isinstance(e.get(k), (int, float))]
+            for i in range(0, len(missing), 900):
+                self.client.log_batch(run_id, metrics=missing[i:i + 900])
 
     def _trial_ended(self, trial_id: str, status: TrialStatus, error: str | None) -> None:
         run_id = self._runs.get(trial_id)
@@ -291,4 +363,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    # An HTTP client's error nests its cause in a page of text: the OS's reason is what says it.
+    cause = re.search(r"\[Errno -?\d+\] [^\"')\]]+", text[0])
+    return cause.group(0) if cause else (text[0] if len(text[0]) <= 300 else text[0][:300] + "...")

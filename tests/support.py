@@ -165,3 +165,65 @@ def user_job(tmp_path: Path, module: str, **sections: Any) -> dict[str, Any]:
     for key, value in sections.items():
         job[key] = {**job[key], **value} if isinstance(value, dict) and isinstance(job.get(key), dict) else value
     return job
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a SQLite store in ``folder``: started (again on the same
+    port, with the same store, after :meth:`kill`), killed, and stopped with the workers it started."""
+
+    def __init__(self, folder: Path) -> None:
+        import sys
+
+        self.folder, self.port, self.proc = folder, 0, None
+        self.binary = str(Path(sys.executable).parent / "mlflow")
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 240) -> MlflowServer:
+        import socket
+        import subprocess
+        import time
+        import urllib.request
+
+        def free_port() -> int:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return s.getsockname()[1]
+
+        keep_port = bool(self.port)
+        self.port = self.port or free_port()
+        log = open(self.folder / "server.log", "a")  # noqa: SIM115 (the server's, closed with it)
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
+        deadline, tries = time.time() + timeout, 1  # a fresh store's migrations take a while on a busy machine
+        self.proc = self._spawn(log)
+        while True:
+            try:
+                no_proxy.open(f"{self.uri}/health", timeout=2)
+                return self
+            except OSError:
+                if self.proc.poll() is not None and tries < 3 and not keep_port:
+                    # The port was free when picked, but something took it before the server bound
+                    # it (a port cannot be held across processes): another one.
+                    tries, self.port = tries + 1, free_port()
+                    self.proc = self._spawn(log)
+                    continue
+                assert time.time() < deadline and self.proc.poll() is None, (
+                    "mlflow server did not start:\n" + (self.folder / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+
+    def _spawn(self, log: Any) -> Any:
+        import subprocess
+
+        return subprocess.Popen(
+            [self.binary, "server", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--default-artifact-root", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port",
+             str(self.port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self, sig: int = 9) -> None:
+        import os
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)  # the server and the workers it started, nothing else
+            self.proc.wait(timeout=30)

@@ -281,46 +281,13 @@ def test_time_budget_ends_the_search_cleanly(ray_runtime, tmp_path: Path) -> Non
 def test_tracking_to_an_mlflow_server(ray_runtime, tmp_path: Path) -> None:
     # What a team runs on a cluster: one MLflow server (here on 127.0.0.1, a SQLite backend);
     # the driver is its only client.
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    import signal
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from support import MlflowServer
 
-    def start(port: int) -> subprocess.Popen:
-        return subprocess.Popen(
-            [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed with the server)
-    port = free_port()
-    server = start(port)
-    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
+    server = MlflowServer(tmp_path).start()
+    port = server.port
     try:
-        deadline = time.time() + 240  # a fresh store's migrations take a while on a busy machine
-        tries = 1
-        while True:
-            try:
-                no_proxy.open(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None and tries < 3:
-                    # The port was free when picked, but something took it before the server bound
-                    # it (a port cannot be held across processes): another one.
-                    tries, port = tries + 1, free_port()
-                    server = start(port)
-                    continue
-                assert time.time() < deadline and server.poll() is None, (
-                    "mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
         uri = f"http://127.0.0.1:{port}"
         # Credentials in the URI (the server takes any): used, and written nowhere.
         secret = "pa55-w0rd-never-shown"
@@ -341,12 +308,7 @@ def test_tracking_to_an_mlflow_server(ray_runtime, tmp_path: Path) -> None:
             assert not [k for k, v in run.data.params.items() if secret in v], run.data.params
             assert not [k for k, v in run.data.tags.items() if secret in v]
     finally:
-        import os
-        import signal
-
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
-        server.wait(timeout=30)
-        log.close()
+        server.kill(signal.SIGTERM)
 
 
 def test_a_search_that_minimizes_val_loss(ray_runtime, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ statuses, a resume's runs adopted, a killed driver's duplicates closed."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -128,3 +129,83 @@ def test_uris_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://server:5000")
     assert resolve_uri(None) == "http://server:5000"
+
+
+# --------------------------------------------------------------------------------------------
+# An MLflow server that goes away mid-search.
+# --------------------------------------------------------------------------------------------
+
+
+def _search_while_the_server_goes(tmp_path: Path, *, comes_back: bool) -> tuple[str, Path, Any]:
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from support import MlflowServer, small_job, write_job
+
+    server = MlflowServer(tmp_path).start()
+    job = small_job(tmp_path, tracking={"uri": server.uri},
+                    search={"num_samples": 5, "max_concurrent_trials": 2, "final": {"seeds": 0}})
+    job["space"].update(epochs=80 if comes_back else 20, batch_size=8)  # trials that outlast the outage
+    out = tmp_path / "runs" / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "run", str(write_job(tmp_path / "job.yaml", job))],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+
+    def ended() -> int:
+        log = out / "hpsearch_trials.jsonl"
+        lines = log.read_text().splitlines() if log.exists() else []
+        return sum(1 for line in lines if line.endswith("}") and json.loads(line)["event"] == "end")
+
+    try:
+        deadline = time.time() + 240
+        while ended() < 1:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        server.kill()  # gone, mid-search
+        if comes_back:
+            # Back on the same port with the same store: away for the seconds a server takes to
+            # start, longer than MLflow's client retries a call, while the trials go on.
+            server.start()
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == 0, output
+    return output, out, server
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_lost_mid_search_is_caught_up_when_it_comes_back(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    output, out, server = _search_while_the_server_goes(tmp_path, comes_back=True)
+    try:
+        assert "stopped answering" in output and "MLflow: caught up with the" in output, output
+        epochs: dict[str, list[int]] = {}
+        for e in pq.read_table(out / "epochs.parquet").to_pylist():
+            epochs.setdefault(e["trial_id"], []).append(e["epoch"])
+        client = MlflowClient(server.uri)
+        runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert sorted(r.data.tags["hpsearch.trial_id"] for r in children) == sorted(epochs)
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        for run in children:  # every epoch of every trial, once
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+            assert sorted(steps) == sorted(epochs[run.data.tags["hpsearch.trial_id"]])
+    finally:
+        server.kill()
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_gone_for_good_loses_no_trial_and_says_what_mlflow_missed(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    output, out, _ = _search_while_the_server_goes(tmp_path, comes_back=False)
+    assert "stopped answering" in output and "still does not answer" in output
+    assert "are missing there; every trial and epoch is in trials.parquet and epochs.parquet" in output
+    trials = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(trials) == 5 and {t["status"] for t in trials} == {"completed"}
+    assert (out / "best.yaml").is_file() and "Traceback" not in output

@@ -174,6 +174,20 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
+TRACKING_LOST, TRACKING_CAUGHT_UP = "tracking_lost", "tracking_caught_up"  # MLflow's server went away, came back
+
+
+def tracking_lost(log_path: Path) -> dict[str, Any] | None:
+    """The last time MLflow's server was lost during a search and not caught up since, if any."""
+    lost = None
+    for e in read_events(log_path):
+        if e["event"] == TRACKING_LOST:
+            lost = e
+        elif e["event"] == TRACKING_CAUGHT_UP:
+            lost = None
+    return lost
+
+
 def recover_cut_epochs(log_path: Path, *, experiment: str) -> list[tuple[str, dict[str, Any]]]:
     """Put back in the log the epochs a killed driver never logged, from their checkpoints.
 

@@ -12,7 +12,7 @@ from ray import tune
 
 from hpsearch.record.location import Remote
 from hpsearch.record.study import StudyWriter
-from hpsearch.record.trial_log import RESULT_KEYS, TrialRecord, TrialStatus, append_event, ended_trials, trial_status
+from hpsearch.record.trial_log import RESULT_KEYS, TRACKING_LOST, TrialRecord, TrialStatus, append_event, ended_trials, trial_status
 from hpsearch.progress import Forecast, Progress
 from hpsearch.tracking import Tracker
 
@@ -162,6 +162,10 @@ class SearchCallback(tune.Callback):
             if trial.trial_id in self._started and trial.trial_id not in self._ended and self.tracker is not None:
                 # Stopped by Ctrl-C / SIGTERM: it continues on resume; until then its run is KILLED.
                 self.tracker.trial_ended(trial.trial_id, TrialStatus.INTERRUPTED)
+        if self.tracker is not None:
+            self.tracker.flush()
+            if self.tracker.lost_since is not None:  # the driver catches MLflow up from the record
+                self._write({"event": TRACKING_LOST, "since": self.tracker.lost_since, "missed": self.tracker.missed})
 
 
 class ImportTorchWhenTrialsRun(tune.Callback):
