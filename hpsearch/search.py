@@ -119,7 +119,7 @@ def run(job: JobSpec, where: SearchLocation, *, address: str | None, resume: boo
     """The search itself, as both entry points run it: set up, fit, fold, retrain, write."""
     # one piece: the main path of every search, each step a call that does one thing; read
     # top to bottom, it is the order of a search.
-    from hpsearch.tune import runtime
+    from hpsearch.tune import runtime, storage
 
     tracker = _tracker(job, where)
     new_parent = tracker is not None and tracker.parent_run_id is None
@@ -163,11 +163,20 @@ def run(job: JobSpec, where: SearchLocation, *, address: str | None, resume: boo
         t_fit = time.time()
         logger.debug("%.1f s: fit starts", t_fit - t_start)
         with runtime.sigterm_stops_gracefully():
-            tuner.fit()
+            try:
+                tuner.fit()
+            except Exception as e:
+                # Tune's result grid reads each errored trial's error file back, cut short on a full
+                # disk; our own log is the search's record.
+                if not storage.stopped():
+                    raise
+                logger.debug("Tune's results after a full storage: %s: %s", type(e).__name__, e)
         logger.debug("%.1f s: fit done", time.time() - t_start)
         where.fetch_newer(trial_log.LOG_FILE)  # a URI's log is the longer one where Tune's loop ran elsewhere
         records, reason, note = trial_log.fold_search(where.local / trial_log.LOG_FILE, job,
                                                       experiment=where.experiment, fit_s=time.time() - t_fit)
+        if storage.stopped():  # stopped while the disk still had room: resumable once it has more
+            reason = StopReason.STORAGE_FULL
 
         final = None
         if reason is None:  # a finished search gets its final score (an interrupted one on resume)
@@ -187,7 +196,14 @@ def run(job: JobSpec, where: SearchLocation, *, address: str | None, resume: boo
                 runtime.shutdown_ray()
                 started_ray = False
                 logger.debug("%.1f s: Ray shut down", time.time() - t_start)
-            best = written.result()
+            try:
+                best = written.result()
+            except OSError as e:
+                if not storage.is_full(e):
+                    raise
+                logger.warning("could not write the outputs (%s); the trial log and the checkpoints written so far "
+                               "are whole", e.strerror or e)
+                best, reason = None, StopReason.STORAGE_FULL
             logger.debug("%.1f s: outputs written", time.time() - t_start)
         return _summary(job, where, records, best=best, tracker=tracker, reason=reason, note=note,
                         wall_s=time.time() - t_start)
@@ -327,6 +343,11 @@ def _stopped_text(reason: StopReason | None, job: JobSpec, where: SearchLocation
     if reason is StopReason.FAILURE_LIMIT:
         return (f"{failed} trials failed (search.max_failed_trials: "
                 f"{job.search.max_failed_trials}); their errors are in {outputs.TRIALS_FILE}")
+    if reason is StopReason.STORAGE_FULL:
+        from hpsearch.tune import storage
+
+        return (f"{reason} ({storage.stopped() or 'no space left on device'}); free space in {job.storage}, then "
+                f"continue with: hpsearch resume {where.experiment}")
     if reason is not None:
         return f"{reason}; continue with: hpsearch resume {where.experiment}"
     return None

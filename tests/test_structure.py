@@ -25,7 +25,7 @@ LAYERS = [
     {"hpsearch.tracking", "hpsearch.report", "hpsearch.status", "hpsearch.progress"},
     {"hpsearch.tune", "hpsearch.tune.runtime", "hpsearch.tune.tuner", "hpsearch.tune.callbacks",
      "hpsearch.tune.searcher", "hpsearch.tune.scheduler", "hpsearch.tune.trial", "hpsearch.tune.final",
-     "hpsearch.tune.snapshot"},
+     "hpsearch.tune.snapshot", "hpsearch.tune.storage"},
     {"hpsearch.search"},
     {"hpsearch.submit"},
     {"hpsearch.cli"},

@@ -1,8 +1,9 @@
 """A trial's checkpoints: one ``checkpoint_NNNNNN`` folder per kept epoch in the trial's folder.
 
 Each holds ``state.pt`` (model + optimizer + epoch, written by the trial with torch) and
-``metrics.json`` (that epoch's reported metrics), written last: a folder without it was cut short
-by a kill and is no checkpoint. Tune keeps a trial's best two and its latest; it numbers the
+``metrics.json`` (that epoch's reported metrics, and ``state.pt``'s size), written last: a folder
+without it, or whose ``state.pt`` is shorter than it says (Tune's copy to the storage cut short
+by a kill or a full disk), is no checkpoint. Tune keeps a trial's best two and its latest; it numbers the
 folders anew after a restore, so a checkpoint's epoch is read from its metrics, not its name.
 """
 
@@ -12,7 +13,7 @@ import json
 import math
 from typing import Any
 
-from hpsearch.record.location import is_file, list_folders, read_file
+from hpsearch.record.location import file_size, list_folders, read_file
 
 STATE_FILE = "state.pt"  # model + optimizer + epoch (torch's format; hpsearch.trainable reads and writes it)
 METRICS_FILE = "metrics.json"  # the epoch's metrics, written last: the checkpoint is whole
@@ -24,9 +25,12 @@ def folders(trial_location: str) -> list[str]:
     return list_folders(trial_location, FOLDER_PREFIX)
 
 
+STATE_BYTES = "state_bytes"  # the key of metrics.json that says how long state.pt is
+
+
 def whole(trial_location: str) -> list[str]:
     """The checkpoint folders of a trial that were written to the end, by name."""
-    return [f for f in folders(trial_location) if is_file(f"{f}/{METRICS_FILE}")]
+    return [folder for folder, _ in with_metrics(trial_location)]
 
 
 def with_metrics(trial_location: str) -> list[tuple[str, dict[str, Any]]]:
@@ -34,7 +38,11 @@ def with_metrics(trial_location: str) -> list[tuple[str, dict[str, Any]]]:
     found = []
     for folder in folders(trial_location):
         try:
-            found.append((folder, json.loads(read_file(f"{folder}/{METRICS_FILE}"))))
+            metrics = json.loads(read_file(f"{folder}/{METRICS_FILE}"))
+            size = metrics.get(STATE_BYTES)
+            if size is not None and file_size(f"{folder}/{STATE_FILE}") != size:
+                continue  # its state.pt was cut short
+            found.append((folder, metrics))
         except (OSError, ValueError):  # cut short by a kill: not a checkpoint to use
             continue
     return found

@@ -142,6 +142,13 @@ def is_file(location: str) -> bool:
     return fs.get_file_info(path).is_file
 
 
+def file_size(location: str) -> int | None:
+    """The size in bytes of a file at a local path or a URI; None if there is none."""
+    fs, path = _fs_for(location)
+    info = fs.get_file_info(path)
+    return info.size if info.is_file else None
+
+
 def copy_folder(source: str, destination: str) -> None:
     """Copy a folder to another place of the same filesystem (local, or one URI's)."""
     import pyarrow.fs as pafs

@@ -8,6 +8,7 @@ touches it.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -30,6 +31,8 @@ STUDY_FILE = "optuna.journal"  # hpsearch.record.study writes it
 # What a search leaves in its folder beside Tune's files (uploaded beside them for a URI storage).
 DRIVER_FILES = (JOB_FILE, TRIALS_FILE, EPOCHS_FILE, BEST_FILE, MODEL_FILE, REPORT_FILE, STUDY_FILE, LOG_FILE,
                 STATE_FILE)
+
+logger = logging.getLogger(__name__)
 
 
 class Validation(TypedDict):
@@ -156,10 +159,16 @@ def write_outputs(
     if ckpt is not None:
         best["checkpoint"] = ckpt
         if test_score is not None:
-            accuracy, write_model = test_score(ckpt, record.config)
-            best["test_accuracy"] = round(float(accuracy), 6)
-            if write_model is not None:
-                atomic_write(out_dir / MODEL_FILE, write_model, binary=True)
+            try:
+                accuracy, write_model = test_score(ckpt, record.config)
+            except OSError:
+                raise  # the storage's own trouble (a full disk): the search says so
+            except Exception as e:  # a checkpoint that cannot be read: no test score, the rest written
+                logger.warning("could not score %s on the test set: %s: %s", ckpt, type(e).__name__, e)
+            else:
+                best["test_accuracy"] = round(float(accuracy), 6)
+                if write_model is not None:
+                    atomic_write(out_dir / MODEL_FILE, write_model, binary=True)
     if final and final.get("trial_id") == record.trial_id:
         best["retrained"] = dict(final)  # type: ignore[typeddict-item]
     write_yaml(out_dir / BEST_FILE, best)

@@ -61,14 +61,16 @@ class StopReason(str, enum.Enum):
     INTERRUPTED = "interrupted"  # Ctrl-C, SIGTERM, a killed driver: `hpsearch resume` continues it
     INTERRUPTED_IN_FINAL = "interrupted during the final retraining"  # the trials are all done
     FAILURE_LIMIT = "failure limit"  # search.max_failed_trials trials failed
+    STORAGE_FULL = "storage full"  # the storage's disk (nearly) full: free space, then resume
 
     def __str__(self) -> str:
         return self.value
 
     @property
     def exit_code(self) -> int:
-        """The command's exit code: 130 for a stop one resumes (as for Ctrl-C), 1 for a failure."""
-        return 1 if self is StopReason.FAILURE_LIMIT else 130
+        """The command's exit code: 130 for a stop one resumes (as for Ctrl-C), 1 for a failure
+        (too many failed trials, or a full storage: free space, then resume)."""
+        return 1 if self in (StopReason.FAILURE_LIMIT, StopReason.STORAGE_FULL) else 130
 
 
 def trial_status(config: Mapping[str, Any], last: Mapping[str, Any] | None, error: str | None) -> TrialStatus:

@@ -14,6 +14,7 @@ from hpsearch.record.location import Remote
 from hpsearch.record.study import StudyWriter
 from hpsearch.record.trial_log import RESULT_KEYS, TRACKING_LOST, TrialRecord, TrialStatus, append_event, ended_trials, trial_status
 from hpsearch.progress import Forecast, Progress
+from hpsearch.tune import storage
 from hpsearch.tracking import Tracker
 
 logger = logging.getLogger("hpsearch.search")
@@ -57,6 +58,7 @@ class SearchCallback(tune.Callback):
         self.progress = progress  # the live area on a terminal
         self.study = study  # optuna.journal, a trial added as it ends
         self.forecast = forecast  # warns when the search is on course to run for weeks
+        self.watch = storage.FreeSpace(Path(log_path).parent if upload_to is None else None)
         self._epochs: dict[str, list[dict[str, Any]]] = {}  # this driver's results of each trial
         self._last: dict[str, dict[str, Any]] = {}
         self._started: set[str] = set()
@@ -64,6 +66,7 @@ class SearchCallback(tune.Callback):
         self._ended_before: set[str] = set()  # ended before this resume
 
     def setup(self, **info: Any) -> None:
+        storage.reset()
         # On resume: what ended before counts (progress, the failure limit) and stays as it was,
         # even where Tune's older snapshot restarts it (run_trial then returns at once).
         self._ended = ended_trials(Path(self.log_path))
@@ -73,7 +76,12 @@ class SearchCallback(tune.Callback):
             self.tracker.adopt_existing_runs()
 
     def _write(self, event: dict[str, Any]) -> None:
-        append_event(Path(self.log_path), event)
+        try:
+            append_event(Path(self.log_path), event)
+        except OSError as e:
+            if not storage.is_full(e):
+                raise
+            storage.stop(f"{Path(self.log_path).parent}: {e.strerror or e}")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id in self._ended_before:
@@ -95,6 +103,7 @@ class SearchCallback(tune.Callback):
         self._write({"event": "result", "trial_id": trial.trial_id, **keep})
         if self.tracker is not None:
             self.tracker.trial_result(trial.trial_id, keep)
+        self.watch.check()
         if self.progress is not None:
             self.progress.trial_result(trial.trial_id, keep.get(self.metric))
         warning = self.forecast.epoch(keep.get("epoch_time_s")) if self.forecast is not None else None
@@ -102,6 +111,9 @@ class SearchCallback(tune.Callback):
             logger.warning("%s", warning)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if storage.is_full(_error_text(trial)):  # not the trial's fault: the search stops, resumable
+            storage.stop(f"trial {trial.trial_id}: {_error_text(trial)}")
+            return
         self._write({"event": "retry", "trial_id": trial.trial_id, "error": _error_text(trial)})
         logger.info("trial %s crashed; retrying from its last checkpoint: %s", trial.trial_id, _error_text(trial))
 
@@ -109,6 +121,8 @@ class SearchCallback(tune.Callback):
         self._end(trial, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if storage.is_full(_error_text(trial)):
+            storage.stop(f"trial {trial.trial_id}: {_error_text(trial)}")
         self._end(trial, _error_text(trial) or "the trial failed")
 
     def _end(self, trial: Any, error: str | None) -> None:

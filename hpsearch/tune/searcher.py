@@ -26,6 +26,15 @@ class HonestOptunaSearch(OptunaSearch):
     A diverged trial (NaN) is reported FAIL, never RUNNING.
     """
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # A trial resumed from a checkpoint older than its last report (its newest was cut short)
+        # reports some epochs again: Optuna keeps the first value, as the record does; no warning.
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The reported value is ignored because this `step=")
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         import optuna
 

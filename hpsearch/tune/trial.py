@@ -61,10 +61,13 @@ def run_trial(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, s
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
-            trainable.save_state(to_save, Path(folder) / checkpoints.STATE_FILE)
-            # Last: the checkpoint is whole. Its metrics put the epoch back in the record if the
-            # driver is killed before it logs them (hpsearch.record.trial_log.recover_cut_epochs).
-            (Path(folder) / checkpoints.METRICS_FILE).write_text(json.dumps({**metrics, "timestamp": time.time()}))
+            state = Path(folder) / checkpoints.STATE_FILE
+            trainable.save_state(to_save, state)
+            # Last: the checkpoint is whole (its state as long as it says). Its metrics put the epoch
+            # back in the record if the driver is killed before it logs them
+            # (hpsearch.record.trial_log.recover_cut_epochs).
+            (Path(folder) / checkpoints.METRICS_FILE).write_text(json.dumps(
+                {**metrics, "timestamp": time.time(), checkpoints.STATE_BYTES: state.stat().st_size}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     trainable.train_on_device(config, data=data, model_spec=model_spec, report=report, state=state, gpus=gpus,
