@@ -258,6 +258,19 @@ echo "rc=$?"
 def test_hpsearch_submit_runs_a_search_on_a_cluster_with_token_auth(tmp_path: Path, ray_tmp: Path) -> None:
     token = tmp_path / "token"
     token.write_text("0123456789abcdef0123456789abcdef")
+    # A search whose trials fail for real (the user's code refuses any width but its default):
+    # `--follow` ends with the driver's own exit code, 1 for the failure limit.
+    project = tmp_path / "project"
+    write_user_code(project, "ep_follow", "_build = build\n"
+                    "def build(hp, input_shape, num_classes):\n"
+                    "    if hp['width'] != 32:\n        raise RuntimeError('not this width')\n"
+                    "    return _build(hp, input_shape, num_classes)\n")
+    from support import user_job, write_job
+
+    job = user_job(tmp_path, "ep_follow", search={"num_samples": 4, "max_failures": 0, "max_failed_trials": 1,
+                                                  "max_concurrent_trials": 1})
+    job["name"] = "limit"
+    write_job(project / "job.yaml", job)
     common = (f"--set storage={tmp_path}/runs --set tracking.uri=sqlite:///{tmp_path}/mlflow.db "
               "--set search.num_samples=3")
     done = _in_namespace(tmp_path, f"""
@@ -273,15 +286,41 @@ echo "== failing job"
 {HPSEARCH} submit jobs/digits.yaml --address http://127.0.0.1:8267 --follow --token-file {token} {common} \
   --set name=broken --set data.dataset=mnist --set data.root={tmp_path}/nothing --set data.download=false
 echo "rc=$?"
-""", timeout=480)
+echo "== token in RAY_AUTH_TOKEN"
+RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token}) {HPSEARCH} submit jobs/digits.yaml --address http://127.0.0.1:8267 \
+  {common} --set name=by-env
+echo "rc=$?"
+echo "== token in ~/.ray/auth_token"
+mkdir -p $HOME/.ray && cp {token} $HOME/.ray/auth_token
+RAY_AUTH_MODE=token {HPSEARCH} submit jobs/digits.yaml --address http://127.0.0.1:8267 {common} --set name=by-home
+echo "rc=$?"
+echo "== failure limit"
+{HPSEARCH} submit {project}/job.yaml --working-dir {project} --address http://127.0.0.1:8267 --follow \
+  --token-file {token} --set storage={tmp_path}/runs --set tracking.enabled=false
+echo "rc=$?"
+echo "== stopped"
+{HPSEARCH} submit jobs/digits.yaml --address http://127.0.0.1:8267 --follow --token-file {token} {common} \
+  --set name=stopped --set search.num_samples=50 --set space.epochs=50 > {tmp_path}/follow.out 2>&1 &
+follower=$!
+for i in $(seq 1 300); do grep -q "trial" {tmp_path}/follow.out && break; sleep 0.5; done
+sid=$(grep -o "raysubmit_[A-Za-z0-9]*" {tmp_path}/follow.out | head -1)
+RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} {RAY} job stop --address http://127.0.0.1:8267 $sid > /dev/null
+wait $follower
+echo "rc=$?"
+cat {tmp_path}/follow.out | tail -3
+""", timeout=600)
     out = done.stdout + done.stderr
-    no_token, good, failing = (part.split("rc=")[1].split()[0] for part in out.split("== ")[1:])
+    codes = [part.split("rc=")[1].split()[0] for part in out.split("== ")[1:]]
+    no_token, good, failing, by_env, by_home, limit, stopped = codes
     assert no_token == "2" and "Authentication" in out.split("== good job")[0], out[-4000:]
     assert good == "0", out[-4000:]
     assert "submitted raysubmit_" in out and "[3/3] trial" in out and ": SUCCEEDED" in out
     assert len(pq.read_table(tmp_path / "runs" / "digits-mlp" / "trials.parquet")) == 3
     assert (tmp_path / "runs" / "digits-mlp" / "best.yaml").is_file()
     assert failing == "2" and "no mnist IDX files" in out and ": FAILED" in out
+    assert by_env == "0" and by_home == "0", out[-4000:]  # Ray's own token settings, passed through
+    assert limit == "1" and "trials failed (search.max_failed_trials: 1)" in out, out[-4000:]  # the driver's code
+    assert stopped == "130" and ": STOPPED" in out, out[-4000:]
 
 
 def test_submit_refuses_bad_input_before_contacting_a_cluster(tmp_path: Path) -> None:

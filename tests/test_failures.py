@@ -277,3 +277,22 @@ def test_checkpoints_named_by_a_stale_snapshot_are_put_back(ray_runtime, tmp_pat
     assert snapshot.restore_missing_checkpoints(str(out)) == [str(victim)]
     assert (victim / "state.pt").read_bytes() == (newest / "state.pt").read_bytes()
     assert snapshot.restore_missing_checkpoints(f"file://{out}") == []  # through a URI too; done once
+
+
+def test_the_failure_limit_ends_the_command_with_exit_code_1(ray_runtime, tmp_path: Path) -> None:
+    # Trials that fail for real, in the user's own code: any width but the default one raises.
+    from support import cli_run, user_job, write_user_code
+
+    write_user_code(tmp_path, "ep_limit", "_build = build\n"
+                    "def build(hp, input_shape, num_classes):\n"
+                    "    if hp['width'] != 32:\n        raise RuntimeError(f\"width {hp['width']} is not supported\")\n"
+                    "    return _build(hp, input_shape, num_classes)\n")
+    job = user_job(tmp_path, "ep_limit", search={"num_samples": 8, "max_failures": 0, "max_failed_trials": 2,
+                                                 "max_concurrent_trials": 1})
+    result = cli_run("run", write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == 1, result.output
+    assert "2 trials failed (search.max_failed_trials: 2); their errors are in trials.parquet" in result.output
+    rows = pq.read_table(tmp_path / "runs" / "t" / "trials.parquet").to_pylist()
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 2 and all("is not supported" in r["error"] for r in failed)
+    assert len(rows) < 8

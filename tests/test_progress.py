@@ -123,9 +123,9 @@ def test_a_search_that_would_take_years_says_so_and_stops_on_ctrl_c(tmp_path: Pa
 
     from support import small_job, write_job
 
-    job = small_job(tmp_path, search={"num_samples": 1_000_000, "scheduler": {"name": "fifo"}},
+    job = small_job(tmp_path, search={"num_samples": 10_000_000, "scheduler": {"name": "fifo"}},
                     tracking={"enabled": False})
-    job["space"] = {"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2}, "epochs": 1000, "batch_size": 64}
+    job["space"] = {"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2}, "epochs": 10_000, "batch_size": 64}
     path = write_job(tmp_path / "job.yaml", job)
     proc = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "run", str(path)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -143,5 +143,6 @@ def test_a_search_that_would_take_years_says_so_and_stops_on_ctrl_c(tmp_path: Pa
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     warning = next((line for line in lines if "on course to take" in line), "")
-    assert "years" in warning and "1000000000 epochs expected" in warning, "".join(lines)[-3000:]
+    # 10^11 epochs: years, at any pace a laptop has
+    assert "years" in warning and "100000000000 epochs expected" in warning, "".join(lines)[-3000:]
     assert proc.returncode == 130, rest[-2000:]
