@@ -283,23 +283,16 @@ echo "== good job"
 {HPSEARCH} submit jobs/digits.yaml --address http://127.0.0.1:8267 --follow --token-file {token} {common}
 echo "rc=$?"
 echo "== failing job"
-{HPSEARCH} submit jobs/digits.yaml --address http://127.0.0.1:8267 --follow --token-file {token} {common} \
+{HPSEARCH} submit jobs/digits.yaml --address http://127.0.0.1:8267 --follow --token "$(cat {token})" {common} \
   --set name=broken --set data.dataset=mnist --set data.root={tmp_path}/nothing --set data.download=false
 echo "rc=$?"
-echo "== token in RAY_AUTH_TOKEN"
-RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token}) {HPSEARCH} submit jobs/digits.yaml --address http://127.0.0.1:8267 \
-  {common} --set name=by-env
+echo "== failure limit (the token in RAY_AUTH_TOKEN)"
+RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token}) {HPSEARCH} submit {project}/job.yaml --working-dir {project} \
+  --address http://127.0.0.1:8267 --follow --set storage={tmp_path}/runs --set tracking.enabled=false
 echo "rc=$?"
-echo "== token in ~/.ray/auth_token"
+echo "== stopped (the token in ~/.ray/auth_token)"
 mkdir -p $HOME/.ray && cp {token} $HOME/.ray/auth_token
-RAY_AUTH_MODE=token {HPSEARCH} submit jobs/digits.yaml --address http://127.0.0.1:8267 {common} --set name=by-home
-echo "rc=$?"
-echo "== failure limit"
-{HPSEARCH} submit {project}/job.yaml --working-dir {project} --address http://127.0.0.1:8267 --follow \
-  --token-file {token} --set storage={tmp_path}/runs --set tracking.enabled=false
-echo "rc=$?"
-echo "== stopped"
-{HPSEARCH} submit jobs/digits.yaml --address http://127.0.0.1:8267 --follow --token-file {token} {common} \
+RAY_AUTH_MODE=token {HPSEARCH} submit jobs/digits.yaml --address http://127.0.0.1:8267 --follow {common} \
   --set name=stopped --set search.num_samples=50 --set space.epochs=50 > {tmp_path}/follow.out 2>&1 &
 follower=$!
 for i in $(seq 1 300); do grep -q "trial" {tmp_path}/follow.out && break; sleep 0.5; done
@@ -311,16 +304,34 @@ cat {tmp_path}/follow.out | tail -3
 """, timeout=600)
     out = done.stdout + done.stderr
     codes = [part.split("rc=")[1].split()[0] for part in out.split("== ")[1:]]
-    no_token, good, failing, by_env, by_home, limit, stopped = codes
+    no_token, good, failing, limit, stopped = codes
     assert no_token == "2" and "Authentication" in out.split("== good job")[0], out[-4000:]
     assert good == "0", out[-4000:]
     assert "submitted raysubmit_" in out and "[3/3] trial" in out and ": SUCCEEDED" in out
     assert len(pq.read_table(tmp_path / "runs" / "digits-mlp" / "trials.parquet")) == 3
     assert (tmp_path / "runs" / "digits-mlp" / "best.yaml").is_file()
     assert failing == "2" and "no mnist IDX files" in out and ": FAILED" in out
-    assert by_env == "0" and by_home == "0", out[-4000:]  # Ray's own token settings, passed through
+    # --token, --token-file, and Ray's own RAY_AUTH_TOKEN and ~/.ray/auth_token, each used above
     assert limit == "1" and "trials failed (search.max_failed_trials: 1)" in out, out[-4000:]  # the driver's code
     assert stopped == "130" and ": STOPPED" in out, out[-4000:]
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_run_with_a_ray_client_address_from_outside_the_cluster(tmp_path: Path, ray_tmp: Path) -> None:
+    # `hpsearch run --address ray://HEAD:10001`: the driver here, Tune's loop on the head (Ray
+    # Client); the storage is a folder both see.
+    done = _in_namespace(tmp_path, f"""
+{RAY} start --head --port=6393 --num-cpus=2 --include-dashboard=false --ray-client-server-port=10003 \
+  --temp-dir={ray_tmp}/h > /dev/null || exit 3
+{HPSEARCH} run jobs/digits.yaml --address ray://127.0.0.1:10003 --set storage={tmp_path}/runs \
+  --set tracking.uri=sqlite:///{tmp_path}/mlflow.db --set search.num_samples=2 --set search.final.seeds=1
+echo "rc=$?"
+""")
+    out = done.stdout + done.stderr
+    assert "rc=0" in out, out[-4000:]
+    trials = pq.read_table(tmp_path / "runs" / "digits-mlp" / "trials.parquet").to_pylist()
+    assert len(trials) == 2 and (tmp_path / "runs" / "digits-mlp" / "best.yaml").is_file()
 
 
 def test_submit_refuses_bad_input_before_contacting_a_cluster(tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ def test_own_model_and_data_search_end_to_end_with_sigkill_and_resume(tmp_path: 
     write_user_code(tmp_path / "code", "ep_whole")
     job = user_job(tmp_path, "ep_whole", code="code", search={"num_samples": 4, "max_concurrent_trials": 2,
                                                              "final": {"seeds": 1}})
-    job["space"].update(epochs=10, batch_size=8, act="tanh")
+    job["space"].update(epochs=8, batch_size=8, act="tanh")
     path = write_job(tmp_path / "job.yaml", job)
     out = tmp_path / "runs" / "t"
     elsewhere = tmp_path / "elsewhere"  # the command runs from another folder: the job says where its code is

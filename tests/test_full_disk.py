@@ -31,9 +31,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _can_mount(), reason="nee
 def test_a_disk_filled_mid_search_stops_it_cleanly_and_resume_finishes_it(tmp_path: Path, filled: str) -> None:
     runs = tmp_path / "runs"
     runs.mkdir()
-    job = small_job(tmp_path, search={"num_samples": 5, "max_concurrent_trials": 2, "final": {"seeds": 0},
+    job = small_job(tmp_path, search={"num_samples": 4, "max_concurrent_trials": 2, "final": {"seeds": 0},
                                       "scheduler": {"name": "fifo"}})
-    job["space"].update(epochs=30, batch_size=8, neurons_per_layer=64)
+    job["space"].update(epochs=20, batch_size=8, neurons_per_layer=64)
     job["storage"] = str(runs)
     path = write_job(tmp_path / "job.yaml", job)
     log = runs / "t" / "hpsearch_trials.jsonl"
@@ -67,5 +67,5 @@ cp -r $RUNS/t {tmp_path}/after
     assert (at_stop / "hpsearch_trials.jsonl").read_text().strip()
     assert "resume rc=0" in done.stdout, done.stdout + resume_out[-4000:]
     trials = pq.read_table(tmp_path / "after" / "trials.parquet").to_pylist()
-    assert len(trials) == 5 and {t["status"] for t in trials} == {"completed"}, trials
-    assert all(t["epochs_run"] == 30 for t in trials)
+    assert len(trials) == 4 and {t["status"] for t in trials} == {"completed"}, trials
+    assert all(t["epochs_run"] == 20 for t in trials)

@@ -77,3 +77,18 @@ def test_every_sampler_samples_and_is_seeded(sampler: str, tmp_path: Path) -> No
     first, second = _sample(job, 12), _sample(job, 12)
     assert first == second  # same seed, same proposals
     assert len({c["num_hidden_layers"] for c in first}) > 1
+
+
+@pytest.mark.parametrize("num_samples,startup", [(8, 4), (16, 4), (24, 6), (64, 10), (500, 10)])
+def test_tpe_is_multivariate_grouped_with_the_constant_liar_and_its_start_up_scaled(
+        tmp_path: Path, num_samples: int, startup: int) -> None:
+    # What the README says of the default sampler (Optuna's private names, checked on Optuna 5.0).
+    from hpsearch.space import make_sampler
+
+    job = _job(tmp_path, "tpe", learning_rate={"type": "float", "low": 1e-4, "high": 1e-1, "log": True})
+    from dataclasses import replace
+
+    job = replace(job, search=replace(job.search, num_samples=num_samples))
+    sampler = make_sampler(job)
+    assert (sampler._multivariate, sampler._group, sampler._constant_liar) == (True, True, True)
+    assert sampler._n_startup_trials == startup == max(4, min(10, num_samples // 4))

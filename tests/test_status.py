@@ -72,3 +72,23 @@ def test_status_of_a_finished_search_and_of_no_search(ray_runtime, tmp_path: Pat
                          "elapsed_s", "eta_s"}  # the documented schema
     missing = cli_run("status", tmp_path / "nothing")
     assert missing.exit_code == 2 and "not a search folder" in missing.output
+
+
+def test_a_driver_on_another_machine_is_running_while_its_log_moves(tmp_path: Path) -> None:
+    # A search whose driver runs elsewhere (a cluster's head, seen over NFS or a URI): its process
+    # cannot be asked, so its log's last change says whether it still runs (within STALE_S).
+    import yaml
+
+    from hpsearch.spec import validate
+    from hpsearch.status import STALE_S, read_status
+
+    out = tmp_path / "runs" / "t"
+    out.mkdir(parents=True)
+    (out / "job.yaml").write_text(yaml.safe_dump(validate(small_job(tmp_path)).to_dict()))
+    started = time.time() - 60
+    trial_log.append_event(out / trial_log.LOG_FILE, {"event": "start", "trial_id": "a", "config": {"epochs": 3}})
+    trial_log.update_state(out, driver={"pid": 1, "host": "head-node-elsewhere", "started": started})
+    assert read_status(out).state == "running"
+    stale = time.time() - STALE_S - 5
+    os.utime(out / trial_log.LOG_FILE, (stale, stale))
+    assert read_status(out).state == "interrupted"

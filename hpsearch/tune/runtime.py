@@ -79,13 +79,28 @@ def init_ray(address: str | None, py_modules: list[str] | None = None) -> bool:
             ray.init(address="local", include_dashboard=False,
                      _system_config={"prestart_worker_first_driver": False}, **kwargs)
         else:
-            if py_modules:
-                kwargs["runtime_env"] = {"py_modules": list(py_modules), "excludes": ["__pycache__", "*.pyc"]}
+            if py_modules and not _in_a_ray_job_with_a_working_dir():
+                kwargs["runtime_env"] = {"py_modules": list(py_modules)}
             ray.init(address=address, **kwargs)
     except Exception as e:
         raise SearchError(f"--address {address}: cannot connect to Ray: {str(e).strip().splitlines()[0]}"
                           if address else f"cannot start Ray: {e}") from None
     return True
+
+
+def _in_a_ray_job_with_a_working_dir() -> bool:
+    """Whether this driver runs as a Ray job (``hpsearch submit``) whose working directory Ray
+    already sends to every node: the job's code travels in it (and a second runtime env for the
+    same job would have to be merged with the job's)."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return False
+    try:
+        return bool(json.loads(raw).get("runtime_env", {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def shutdown_ray() -> None:
