@@ -65,9 +65,23 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def trial_workers(driver: int) -> list[int]:
-    """The worker processes running trials (Tune's function trainables are ImplicitFunc actors)."""
-    return [pid for pid in descendants(driver) if command_line(pid).startswith("ray::ImplicitFunc")]
+def age_s(pid: int) -> float:
+    """How long a process has run, from /proc (0 if it is gone)."""
+    try:
+        start_ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def trial_workers(driver: int, *, settled_s: float = 3.0) -> list[int]:
+    """The worker processes running trials (Tune's function trainables are ImplicitFunc actors)
+    that have run for ``settled_s``: past starting their trial. (Ray Tune 2.60 retries a trial
+    whose worker dies while it runs, not one whose worker dies while it is still being started:
+    that one fails; the README says so.)"""
+    return [pid for pid in descendants(driver)
+            if command_line(pid).startswith("ray::ImplicitFunc") and age_s(pid) >= settled_s]
 
 
 def _job(tmp_path: Path, *, num_samples: int, epochs: int, max_failures: int = 0) -> Path:

@@ -322,9 +322,9 @@ def test_run_with_a_ray_client_address_from_outside_the_cluster(tmp_path: Path, 
     # `hpsearch run --address ray://HEAD:10001`: the driver here, Tune's loop on the head (Ray
     # Client); the storage is a folder both see.
     done = _in_namespace(tmp_path, f"""
-{RAY} start --head --port=6393 --num-cpus=2 --include-dashboard=false --ray-client-server-port=10003 \
+{RAY} start --head --port=6393 --num-cpus=2 --include-dashboard=false --ray-client-server-port=6401 \
   --temp-dir={ray_tmp}/h > /dev/null || exit 3
-{HPSEARCH} run jobs/digits.yaml --address ray://127.0.0.1:10003 --set storage={tmp_path}/runs \
+{HPSEARCH} run jobs/digits.yaml --address ray://127.0.0.1:6401 --set storage={tmp_path}/runs \
   --set tracking.uri=sqlite:///{tmp_path}/mlflow.db --set search.num_samples=2 --set search.final.seeds=1
 echo "rc=$?"
 """)
