@@ -65,23 +65,12 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def age_s(pid: int) -> float:
-    """How long a process has run, from /proc (0 if it is gone)."""
-    try:
-        start_ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, IndexError, ValueError):
-        return 0.0
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-
-
-def trial_workers(driver: int, *, settled_s: float = 3.0) -> list[int]:
-    """The worker processes running trials (Tune's function trainables are ImplicitFunc actors)
-    that have run for ``settled_s``: past starting their trial. (Ray Tune 2.60 retries a trial
-    whose worker dies while it runs, not one whose worker dies while it is still being started:
-    that one fails; the README says so.)"""
-    return [pid for pid in descendants(driver)
-            if command_line(pid).startswith("ray::ImplicitFunc") and age_s(pid) >= settled_s]
+def trial_workers(driver: int) -> list[int]:
+    """The worker processes of the command's trials (Tune's function trainables: ImplicitFunc
+    actors). The test kills the one whose trial has just reported an epoch: a running trial.
+    (Ray Tune 2.60 retries a trial whose worker dies while it runs, not one whose worker dies while
+    the trial is still being started on it: that one fails; the README says so.)"""
+    return [pid for pid in descendants(driver) if command_line(pid).startswith("ray::ImplicitFunc")]
 
 
 def _job(tmp_path: Path, *, num_samples: int, epochs: int, max_failures: int = 0) -> Path:
@@ -130,13 +119,14 @@ def test_trial_workers_killed_at_random_moments_lose_nothing(tmp_path: Path) -> 
     try:
         deadline = time.time() + 300
         while kills < 4 and proc.poll() is None and time.time() < deadline:
-            # A random moment while trials run: after a random number of epochs more.
+            # A random moment while trials run: after a random number of epochs more, the worker
+            # of the trial that has just reported one (and has more to go), among the command's.
             target = len([e for e in _events(out) if e["event"] == "result"]) + rng.randint(2, 8)
-            while len([e for e in _events(out) if e["event"] == "result"]) < target and proc.poll() is None:
-                time.sleep(0.05)
-            workers = trial_workers(proc.pid)
-            if workers:
-                os.kill(rng.choice(workers), signal.SIGKILL)
+            while len(results := [e for e in _events(out) if e["event"] == "result"]) < target and proc.poll() is None:
+                time.sleep(0.02)
+            running = results[-1] if results and results[-1]["epoch"] < epochs - 1 else None
+            if running and running.get("worker_pid") in trial_workers(proc.pid):
+                os.kill(running["worker_pid"], signal.SIGKILL)
                 kills += 1
         output, _ = proc.communicate(timeout=300)
     finally:

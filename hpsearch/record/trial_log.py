@@ -37,7 +37,9 @@ STATE_FILE = "hpsearch_state.json"
 
 # What a trial reports each epoch (hpsearch.trainable) and the log keeps of it.
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy")
-RESULT_KEYS = ("epoch", *EPOCH_METRICS, "diverged", "epoch_time_s", "time_total_s", "timestamp", "node_id", "node_ip")
+# worker_pid: the process that ran the epoch (with node_id: where a retried trial went on).
+RESULT_KEYS = ("epoch", *EPOCH_METRICS, "diverged", "epoch_time_s", "time_total_s", "timestamp", "node_id", "node_ip",
+               "worker_pid")
 
 
 class TrialStatus(str, enum.Enum):

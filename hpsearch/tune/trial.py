@@ -8,6 +8,7 @@ trials.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def run_trial(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, s
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict[str, Any], to_save: dict[str, Any] | None) -> None:
-        metrics = {**metrics, "node_id": node_id}
+        metrics = {**metrics, "node_id": node_id, "worker_pid": os.getpid()}
         if to_save is None:
             tune.report(metrics)
             return
