@@ -147,7 +147,11 @@ def test_trial_workers_killed_at_random_moments_lose_nothing(tmp_path: Path) -> 
         if next_epoch is None:  # killed after its last epoch, before it ended: nothing left to train
             assert max(done_before) == epochs, f"trial {tid} ended short (seed {SEED})"
         else:
-            assert next_epoch == max(done_before, default=0) + 1, f"trial {tid} lost or repeated epochs (seed {SEED})"
+            # From its newest checkpoint: the next epoch, or the one it had just reported when its
+            # worker died (Tune may restore the checkpoint before it); never from the start.
+            done = max(done_before, default=0)
+            assert next_epoch in (done, done + 1) and (next_epoch > 1 or done == 0), \
+                f"trial {tid}: {done} epochs done, went on at epoch {next_epoch} (seed {SEED})"
 
 
 @pytest.mark.slow
