@@ -35,6 +35,8 @@ def main() -> None:
         passed += ok
         summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-200:]
         print(f"seed {seed}: {'passed' if ok else 'FAILED'} in {time.time() - t0:.0f} s  ({summary})", flush=True)
+        if not ok:  # what failed, for the replay
+            print("\n".join(line for line in done.stdout.splitlines() if line.startswith(("E ", "FAILED")))[-3000:])
     print(f"{passed}/{args.runs} runs passed ({passed / args.runs:.0%})")
     sys.exit(0 if passed == args.runs else 1)
 

@@ -35,6 +35,9 @@ def repair(experiment: str, *, name: str) -> list[str]:
     done = []
     try:
         cut = repair_cut_snapshot(experiment, name=name)
+        searcher = repair_cut_searcher_state(experiment, name=name)
+        if searcher:
+            done.append(searcher)
         restored = restore_missing_checkpoints(experiment)
     except SearchError:
         raise
@@ -109,6 +112,38 @@ def repair_cut_snapshot(experiment: str, *, name: str) -> str | None:
     raise SearchError(f"{experiment}: Tune's snapshot {newest} was cut short (its driver was killed while writing "
                       "it) and no whole copy of it is left, so Tune cannot restore the search; the trials it ran "
                       "are in hpsearch_trials.jsonl. Start it again under a new name (`--set name=...`)")
+
+
+SEARCHER_PREFIX, SEARCHER_SUFFIX = "searcher-state-", ".pkl"
+
+
+def repair_cut_searcher_state(experiment: str, *, name: str) -> str | None:
+    """Make the newest searcher state (Optuna's study, pickled by Tune beside its snapshot) a whole
+    one, if a kill cut it short: Tune then restores a searcher that never suggests again, and the
+    resumed search waits forever. Put back from the staging copy; with none, a SearchError."""
+    states = list_files(experiment, SEARCHER_PREFIX, SEARCHER_SUFFIX)
+    if not states or _whole_pickle(read_file(join(experiment, states[-1]))):
+        return None
+    newest = states[-1]
+    for staged in sorted(glob.glob(os.path.join(_ray_temp_dir(), "session_*", "artifacts", "*", name,
+                                                "driver_artifacts", newest))):
+        data = Path(staged).read_bytes()
+        if _whole_pickle(data):
+            _replace(experiment, newest, data)
+            return f"put back Tune's searcher state {newest}, cut short by the kill, from its staging copy {staged}"
+    raise SearchError(f"{experiment}: Tune's searcher state {newest} was cut short (its driver was killed while "
+                      "writing it) and no whole copy of it is left, so the search cannot go on; the trials it ran "
+                      "are in hpsearch_trials.jsonl. Start it again under a new name (`--set name=...`)")
+
+
+def _whole_pickle(data: bytes) -> bool:
+    import pickle
+
+    try:
+        pickle.loads(data)
+    except Exception:
+        return False
+    return True
 
 
 def _whole_json(data: bytes) -> bool:
