@@ -318,6 +318,8 @@ def test_run_with_a_ray_client_address_from_outside_the_cluster(tmp_path: Path, 
         done = _in_namespace(tmp_path, f"""
 {RAY} start --head --port={port} --num-cpus=2 --include-dashboard=false --ray-client-server-port={client_port} \
   --temp-dir={ray_tmp}/h{attempt} > {tmp_path}/ray_start.log 2>&1 || {{ echo "ray start failed"; exit 3; }}
+# `ray start` returns before the Ray Client server listens: wait for its port
+for i in $(seq 1 120); do (echo > /dev/tcp/127.0.0.1/{client_port}) 2>/dev/null && break; sleep 0.5; done
 {HPSEARCH} run jobs/digits.yaml --address ray://127.0.0.1:{client_port} --set storage={tmp_path}/runs \
   --set name=client-{attempt} --set tracking.uri=sqlite:///{tmp_path}/mlflow.db --set search.num_samples=2 \
   --set search.final.seeds=1
