@@ -17,6 +17,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from hpsearch.errors import SearchError
 from hpsearch.record import checkpoints
@@ -99,12 +100,10 @@ def repair_cut_snapshot(experiment: str, *, name: str) -> str | None:
     if not snapshots or _whole_json(read_file(join(experiment, snapshots[-1]))):
         return None
     newest = snapshots[-1]
-    for staged in sorted(glob.glob(os.path.join(_ray_temp_dir(), "session_*", "artifacts", "*", name,
-                                                "driver_artifacts", newest))):
-        data = Path(staged).read_bytes()
-        if _whole_json(data):
-            _replace(experiment, newest, data)
-            return f"put back Tune's snapshot {newest}, cut short by the kill, from its staging copy {staged}"
+    staged = _staged_copy(name, newest, _whole_json)
+    if staged:
+        _replace(experiment, newest, Path(staged).read_bytes())
+        return f"put back Tune's snapshot {newest}, cut short by the kill, from its staging copy {staged}"
     if any(_whole_json(read_file(join(experiment, older))) for older in snapshots[:-1]):
         _replace(experiment, newest + ".cut", read_file(join(experiment, newest)))
         _delete(experiment, newest)
@@ -125,15 +124,22 @@ def repair_cut_searcher_state(experiment: str, *, name: str) -> str | None:
     if not states or _whole_pickle(read_file(join(experiment, states[-1]))):
         return None
     newest = states[-1]
-    for staged in sorted(glob.glob(os.path.join(_ray_temp_dir(), "session_*", "artifacts", "*", name,
-                                                "driver_artifacts", newest))):
-        data = Path(staged).read_bytes()
-        if _whole_pickle(data):
-            _replace(experiment, newest, data)
-            return f"put back Tune's searcher state {newest}, cut short by the kill, from its staging copy {staged}"
+    staged = _staged_copy(name, newest, _whole_pickle)
+    if staged:
+        _replace(experiment, newest, Path(staged).read_bytes())
+        return f"put back Tune's searcher state {newest}, cut short by the kill, from its staging copy {staged}"
     raise SearchError(f"{experiment}: Tune's searcher state {newest} was cut short (its driver was killed while "
                       "writing it) and no whole copy of it is left, so the search cannot go on; the trials it ran "
                       "are in hpsearch_trials.jsonl. Start it again under a new name (`--set name=...`)")
+
+
+def _staged_copy(name: str, filename: str, whole: Any) -> str | None:
+    """A whole copy of one of Tune's driver files in a (killed) driver's staging folder, if any."""
+    for staged in sorted(glob.glob(os.path.join(_ray_temp_dir(), "session_*", "artifacts", "*", name,
+                                                "driver_artifacts", filename))):
+        if whole(Path(staged).read_bytes()):
+            return staged
+    return None
 
 
 def _whole_pickle(data: bytes) -> bool:
