@@ -227,3 +227,15 @@ class MlflowServer:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)  # the server and the workers it started, nothing else
             self.proc.wait(timeout=30)
+
+
+def assert_nothing_left(tmp_path: Path, name: str = "t") -> None:
+    """A search refused before any trial left no folder in tmp_path/runs and no MLflow run."""
+    assert not (tmp_path / "runs" / name).exists()
+    db = tmp_path / "mlflow.db"
+    if db.exists():  # the store may exist; no run may be in it
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{db}")
+        exp = client.get_experiment_by_name(name)
+        assert exp is None or not client.search_runs([exp.experiment_id])

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from support import cli_run, user_job, write_job, write_user_code
+from support import assert_nothing_left, cli_run, user_job, write_job, write_user_code
 
 # --------------------------------------------------------------------------------------------
 # Validation: found without being run, every problem named.
@@ -117,11 +117,7 @@ def test_a_bad_entry_point_or_bad_data_exits_2_and_leaves_nothing(ray_runtime, t
         assert text in result.output, result.output
     assert "Traceback (most recent call last)" not in result.output
     assert "hpsearch/" not in result.output.split("Traceback (your code)")[-1]  # their frames, not ours
-    assert not (tmp_path / "runs" / "t").exists()
-    if (tmp_path / "mlflow.db").exists():
-        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-        experiment = client.get_experiment_by_name("t")
-        assert experiment is None or not client.search_runs([experiment.experiment_id])
+    assert_nothing_left(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support import run_job, small_job, write_idx
+from support import assert_nothing_left, run_job, small_job, write_idx
 
 pytestmark = pytest.mark.slow
 
@@ -17,14 +17,7 @@ def _run(tmp_path: Path, job: dict) -> tuple[int, str]:
 
 
 def _nothing_left(tmp_path: Path) -> None:
-    assert not (tmp_path / "runs" / "t").exists()
-    db = tmp_path / "mlflow.db"
-    if db.exists():  # the store may exist; no run may be live in it
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(f"sqlite:///{db}")
-        exp = client.get_experiment_by_name("t")
-        assert exp is None or not client.search_runs([exp.experiment_id])
+    assert_nothing_left(tmp_path)
 
 
 def test_missing_data_set(ray_runtime, tmp_path: Path) -> None:
