@@ -37,7 +37,9 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 RETRY_S = 30.0  # a lost server is tried again this often
 # MLflow's HTTP client retries a call for minutes by default; a search should not wait on it.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 # and prints a "View run" line per run it ends: the summary says where the runs are.
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 # our trial status -> MLflow run status
 _RUN_STATUS = {TrialStatus.COMPLETED: "FINISHED", TrialStatus.STOPPED_EARLY: "FINISHED",
                TrialStatus.FAILED: "FAILED", TrialStatus.DIVERGED: "FAILED", TrialStatus.NOT_RUN: "FINISHED",

@@ -229,6 +229,82 @@ class MlflowServer:
             self.proc.wait(timeout=30)
 
 
+class Link:
+    """A loopback TCP relay to a server (``port``), to cut it like a lost network: :meth:`cut`
+    stops listening and drops every connection (a client then gets "connection refused"), and
+    :meth:`restore` listens again on the same port, at once. The server behind keeps running."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.target, self.port, self.listener = port, 0, None
+        self._lock, self._open = threading.Lock(), []
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> Link:
+        import socket
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port, self.listener = listener.getsockname()[1], listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    start = restore
+
+    def cut(self) -> None:
+        import socket
+
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # stops listening (close alone would not, while accept waits)
+        except OSError:
+            pass
+        self.listener.close()
+        with self._lock:
+            for conn in self._open:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                conn.close()
+            self._open.clear()
+
+    def _accept(self, listener: Any) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            server = socket.create_connection(("127.0.0.1", self.target))
+            with self._lock:
+                self._open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: Any, sink: Any) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.close()
+                except OSError:
+                    pass
+
+
 def assert_nothing_left(tmp_path: Path, name: str = "t") -> None:
     """A search refused before any trial left no folder in tmp_path/runs and no MLflow run."""
     assert not (tmp_path / "runs" / name).exists()

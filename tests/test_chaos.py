@@ -155,10 +155,6 @@ def test_trial_workers_killed_at_random_moments_lose_nothing(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(raises=subprocess.TimeoutExpired, strict=False,
-                   reason="known bug (issue 15, open): about 1 run in 5, a resume after a kill that cut Tune's "
-                          "searcher state short finishes the running trials and then never starts the last ones; "
-                          "any other failure of this test is a failure")
 def test_a_driver_killed_three_times_in_a_row_then_resumed_loses_nothing(tmp_path: Path) -> None:
     rng = random.Random(SEED + 1)
     num_samples, epochs = 5, 8
@@ -195,3 +191,76 @@ def test_a_driver_killed_three_times_in_a_row_then_resumed_loses_nothing(tmp_pat
     trials = _check_the_record(tmp_path, out, num_samples=num_samples, epochs=epochs)
     started = {e["trial_id"] for e in _events(out) if e["event"] == "start"}
     assert {t["trial_id"] for t in trials} <= started
+
+
+def _whole_state(out: Path) -> dict[str, bytes] | None:
+    """Tune's snapshot and searcher files, as bytes, when all three are whole (read while Tune
+    writes them: None when one is cut, or not there yet)."""
+    import pickle
+
+    from ray import cloudpickle
+
+    files = {}
+    for pattern, load in (("experiment_state-*.json", json.loads), ("search_gen_state-*.json", cloudpickle.loads),
+                          ("searcher-state-*.pkl", pickle.loads)):
+        found = sorted(out.glob(pattern))
+        if not found:
+            return None
+        try:
+            data = found[-1].read_bytes()
+            load(data)
+        except Exception:
+            return None
+        files[found[-1].name] = data
+    return files
+
+
+def _snapshot_statuses(files: dict[str, bytes]) -> list[str]:
+    raw = next(data for name, data in files.items() if name.startswith("experiment_state-"))
+    return [json.loads(trial)["status"] for trial, _ in json.loads(raw)["trial_data"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("older", ["searcher", "snapshot"])
+def test_a_resume_after_a_kill_left_the_snapshot_and_the_searcher_from_different_moments(tmp_path: Path,
+                                                                                          older: str) -> None:
+    # Tune copies its snapshot and its searcher's files beside the trials one after the other, not
+    # atomically and without waiting for the copy before: a hard kill can leave them from different
+    # moments (the searcher counting trials the snapshot does not have). Seen in the three-kill test
+    # above, 1 run in 5: the resume finished the running trials and then waited forever. Made here
+    # on purpose: after the kill, one of them is put back as it was early in the search.
+    num_samples, epochs = 4, 12
+    path = _job(tmp_path, num_samples=num_samples, epochs=epochs)
+    out = tmp_path / "runs" / "t"
+    proc = _hpsearch("run", str(path), cwd=tmp_path)
+    try:
+        deadline, early = time.time() + 240, None
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "timed out waiting for Tune's snapshots"
+            files = _whole_state(out)
+            statuses = _snapshot_statuses(files) if files else []
+            if early is None and statuses == ["RUNNING", "RUNNING"]:
+                early = files  # two trials running, none ended
+            if early is not None and len(statuses) >= 3 and "TERMINATED" in statuses:
+                break  # a trial has ended, and a third runs in its slot
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    for name, data in early.items():
+        if name.startswith("experiment_state-") == (older == "snapshot"):
+            for stale in out.glob(name.split("-", 1)[0] + "-*"):
+                stale.unlink()
+            (out / name).write_bytes(data)
+    resumed = _hpsearch("resume", str(out), cwd=tmp_path)
+    try:
+        output, _ = resumed.communicate(timeout=150)
+    finally:
+        if resumed.poll() is None:
+            os.killpg(resumed.pid, signal.SIGKILL)  # a hung resume and its Ray, nothing else
+    assert resumed.returncode == 0, output
+    assert "made Tune's searcher state agree with its snapshot" in output, output
+    _check_the_record(tmp_path, out, num_samples=num_samples, epochs=epochs)

@@ -215,6 +215,18 @@ def recover_cut_epochs(log_path: Path, *, experiment: str) -> list[tuple[str, di
     return recovered
 
 
+def last_results_of_ended(path: Path, *, metric: str) -> dict[str, dict[str, Any]]:
+    """Trial id -> the last result of every trial the log saw end, ``metric`` always in it (NaN
+    when the trial never reported one): what such a trial reports again when Tune, restoring from
+    a snapshot older than its end, runs it once more (see hpsearch.tune.trial.run_trial)."""
+    last: dict[str, dict[str, Any]] = {}
+    for e in read_events(path):
+        if e["event"] == "result":
+            last[e["trial_id"]] = {k: e.get(k) for k in RESULT_KEYS if e.get(k) is not None}
+    return {tid: {"epoch": 0, **last.get(tid, {}), metric: last.get(tid, {}).get(metric, math.nan)}
+            for tid in ended_trials(path)}
+
+
 def ended_trials(path: Path) -> dict[str, TrialStatus]:
     """Trial id -> status of every trial the log saw end (and not start again since)."""
     ended: dict[str, TrialStatus] = {}

@@ -24,6 +24,9 @@ class HonestOptunaSearch(OptunaSearch):
     a 1-epoch result with full runs as if both were final. Pruned (with its intermediate values,
     already reported per epoch) is the honest signal; TPE ranks pruned trials by how far they got.
     A diverged trial (NaN) is reported FAIL, never RUNNING.
+
+    A trial it never suggested (a hard kill left Tune's snapshot newer than this searcher's state;
+    see snapshot.reconcile_searcher) runs all the same: Optuna just does not learn from it.
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -31,6 +34,8 @@ class HonestOptunaSearch(OptunaSearch):
         # reports some epochs again: Optuna keeps the first value, as the record does; no warning.
         import warnings
 
+        if trial_id not in self._ot_trials or trial_id in self._completed_trials:
+            return  # never seen, or run again after it ended (the snapshot was older): nothing to tell
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The reported value is ignored because this `step=")
             super().on_trial_result(trial_id, result)
@@ -39,7 +44,10 @@ class HonestOptunaSearch(OptunaSearch):
         import optuna
 
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials or error or not result:
+        if ot_trial is None:
+            logger.debug("optuna never saw trial %s (its state is older than Tune's snapshot)", trial_id)
+            return
+        if trial_id in self._completed_trials or error or not result:
             return super().on_trial_complete(trial_id, result, error)
         value = result.get(self.metric)
         # Tune hands searchers the result flattened: the config comes as "config/<name>" keys.

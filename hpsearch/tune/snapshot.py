@@ -36,9 +36,8 @@ def repair(experiment: str, *, name: str) -> list[str]:
     done = []
     try:
         cut = repair_cut_snapshot(experiment, name=name)
-        searcher = repair_cut_searcher_state(experiment, name=name)
-        if searcher:
-            done.append(searcher)
+        done += [said for said in (repair_cut_searcher_state(experiment, name=name),
+                                   reconcile_searcher(experiment)) if said]
         restored = restore_missing_checkpoints(experiment)
     except SearchError:
         raise
@@ -113,24 +112,114 @@ def repair_cut_snapshot(experiment: str, *, name: str) -> str | None:
                       "are in hpsearch_trials.jsonl. Start it again under a new name (`--set name=...`)")
 
 
+# Tune's searcher, pickled beside its snapshot: the search generator and its ConcurrencyLimiter
+# (cloudpickle), and Optuna's study with Tune's bookkeeping (OptunaSearch.__dict__, pickle).
+GENERATOR_PREFIX, GENERATOR_SUFFIX = "search_gen_state-", ".json"
 SEARCHER_PREFIX, SEARCHER_SUFFIX = "searcher-state-", ".pkl"
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # the trials a resume runs on (errored ones stay so)
 
 
 def repair_cut_searcher_state(experiment: str, *, name: str) -> str | None:
-    """Make the newest searcher state (Optuna's study, pickled by Tune beside its snapshot) a whole
-    one, if a kill cut it short: Tune then restores a searcher that never suggests again, and the
-    resumed search waits forever. Put back from the staging copy; with none, a SearchError."""
-    states = list_files(experiment, SEARCHER_PREFIX, SEARCHER_SUFFIX)
-    if not states or _whole_pickle(read_file(join(experiment, states[-1]))):
-        return None
-    newest = states[-1]
-    staged = _staged_copy(name, newest, _whole_pickle)
-    if staged:
+    """Make the newest searcher files whole, if a kill cut one short while Tune copied it: Tune's
+    restore then fails on it, or restores a searcher that never suggests again and the resumed
+    search waits forever. Put back from the staging copy; with none, a SearchError."""
+    done = []
+    for prefix, suffix in ((GENERATOR_PREFIX, GENERATOR_SUFFIX), (SEARCHER_PREFIX, SEARCHER_SUFFIX)):
+        states = list_files(experiment, prefix, suffix)
+        if not states or _whole_pickle(read_file(join(experiment, states[-1]))):
+            continue
+        newest = states[-1]
+        staged = _staged_copy(name, newest, _whole_pickle)
+        if not staged:
+            raise SearchError(f"{experiment}: Tune's searcher state {newest} was cut short (its driver was killed "
+                              "while writing it) and no whole copy of it is left, so the search cannot go on; the "
+                              "trials it ran are in hpsearch_trials.jsonl. Start it again under a new name "
+                              "(`--set name=...`)")
         _replace(experiment, newest, Path(staged).read_bytes())
-        return f"put back Tune's searcher state {newest}, cut short by the kill, from its staging copy {staged}"
-    raise SearchError(f"{experiment}: Tune's searcher state {newest} was cut short (its driver was killed while "
-                      "writing it) and no whole copy of it is left, so the search cannot go on; the trials it ran "
-                      "are in hpsearch_trials.jsonl. Start it again under a new name (`--set name=...`)")
+        done.append(f"put back Tune's searcher state {newest}, cut short by the kill, from its staging copy {staged}")
+    return "; ".join(done) or None
+
+
+def reconcile_searcher(experiment: str) -> str | None:
+    """Make Tune's searcher state agree with the trials of the snapshot Tune restores. Returns what
+    was done, or None when they agree.
+
+    Tune writes its snapshot and the searcher's files one after the other and copies them beside
+    the trials without waiting for the copy before (nor atomically), so a hard kill can leave
+    them from different moments; a repair above can also go back to an older snapshot. Restored as
+    they are, the searcher counts trials the snapshot does not have: its ConcurrencyLimiter keeps
+    their slots taken forever (with all of them taken, the resumed search waits forever), and
+    Optuna keeps them running. Here, after the snapshot:
+    - the limiter's live trials are the snapshot's unfinished ones (those a resume runs on);
+    - the generator has created as many trials as the snapshot has (so a trial lost with the
+      driver is replaced, as the record expects, and none is added beyond ``num_samples``);
+    - Optuna is told the trials the snapshot says ended (with their last result) and, as failed,
+      those it lost; a trial Optuna never saw is run all the same (HonestOptunaSearch skips it).
+    """
+    snapshots = list_files(experiment, SNAPSHOT_PREFIX, SNAPSHOT_SUFFIX)
+    generators = list_files(experiment, GENERATOR_PREFIX, GENERATOR_SUFFIX)
+    if not snapshots or not generators:
+        return None
+    import ray.cloudpickle as cloudpickle
+
+    trials = _snapshot_trials(read_file(join(experiment, snapshots[-1])))
+    unfinished = {tid for tid, (status, _) in trials.items() if status in UNFINISHED}
+    generator = cloudpickle.loads(read_file(join(experiment, generators[-1])))
+    limiter = generator.get("name:ConcurrencyLimiter")
+    done = []
+    if generator.get("counter") != len(trials):
+        done.append(f"trials created {generator.get('counter')} → {len(trials)}")
+        generator["counter"] = len(trials)
+    if limiter is not None and not limiter.get("batch") and set(limiter.get("live_trials", ())) != unfinished:
+        done.append(f"running {len(limiter.get('live_trials', ()))} → {len(unfinished)}")
+        limiter["live_trials"], limiter["num_unfinished_live_trials"] = set(unfinished), len(unfinished)
+    if done:
+        _replace(experiment, generators[-1], cloudpickle.dumps(generator))
+    searchers = list_files(experiment, SEARCHER_PREFIX, SEARCHER_SUFFIX)
+    if searchers:
+        told = _tell_optuna_what_ended(experiment, searchers[-1], trials)
+        if told:
+            done.append(f"{told} ended trial(s) told to Optuna")
+    if not done:
+        return None
+    return (f"made Tune's searcher state agree with its snapshot {snapshots[-1]} (a kill left them from different "
+            f"moments): {', '.join(done)}")
+
+
+def _snapshot_trials(raw: bytes) -> dict[str, tuple[str, dict[str, Any]]]:
+    """trial id → (Tune's status, its last result) of every trial in an experiment snapshot."""
+    trials = {}
+    for trial_json, metadata_json in json.loads(raw)["trial_data"]:
+        state, metadata = json.loads(trial_json), json.loads(metadata_json)
+        trials[state["trial_id"]] = (state["status"], metadata.get("last_result") or {})
+    return trials
+
+
+def _tell_optuna_what_ended(experiment: str, filename: str, trials: dict[str, tuple[str, dict[str, Any]]]) -> int:
+    """Tell the study in Tune's OptunaSearch state how the trials it still has running ended, as
+    the snapshot says (lost: failed). Returns how many were told."""
+    import pickle
+
+    from ray.tune.utils import flatten_dict
+
+    from hpsearch.tune.searcher import HonestOptunaSearch
+
+    state = pickle.loads(read_file(join(experiment, filename)))
+    if not isinstance(state, dict) or "_ot_trials" not in state:
+        return 0  # not Optuna's: left as it is
+    search = HonestOptunaSearch.__new__(HonestOptunaSearch)
+    search.__dict__.update(state)
+    told = 0
+    for tid in [t for t in search._ot_trials if t not in search._completed_trials]:
+        status, last = trials.get(tid, ("LOST", {}))
+        if status in UNFINISHED:
+            continue
+        search.on_trial_complete(tid, result=flatten_dict(last) if status == "TERMINATED" else None,
+                                 error=status != "TERMINATED")
+        told += 1
+    if told:
+        _replace(experiment, filename, pickle.dumps(search.__dict__))
+    return told
 
 
 def _staged_copy(name: str, filename: str, whole: Any) -> str | None:

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import ray
 from ray import tune
@@ -24,15 +24,17 @@ from hpsearch.spec import ModelSpec
 
 
 def run_trial(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, seed: int, cpus: float, gpus: float,
-              search_dir: str = "", ended: frozenset[str] = frozenset(), pretrained: Any = None,
+              search_dir: str = "", ended: Mapping[str, dict[str, Any]] | None = None, pretrained: Any = None,
               code: tuple[str, ...] = ()) -> None:
     """Tune's trainable: adapts :func:`hpsearch.trainable.train` to ``tune.report`` and checkpoints.
 
     ``search_dir``: the search's folder in the storage (a path or a URI), where the trial's
     checkpoints are kept.
-    ``ended``: on resume, the trials our log saw end. Tune restores from its last experiment
-    snapshot, which can be older than a trial's end; such a trial must not run again (an
-    ASHA-stopped one would otherwise train to its full budget).
+    ``ended``: on resume, the trials our log saw end, each with its last result. Tune restores
+    from its last experiment snapshot, which can be older than a trial's end; such a trial must
+    not run again (an ASHA-stopped one would otherwise train to its full budget): it reports its
+    last result once more, for Tune, its scheduler and its searcher (the record has it already:
+    the driver's callback leaves it out), and returns.
     ``pretrained``: ResNet-18's starting weights, read once by the driver.
     ``code``: the folders the job's own code (its factories) is imported from.
     """
@@ -40,7 +42,8 @@ def run_trial(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, s
 
     entrypoints.on_path(code)
     trial_id = tune.get_context().get_trial_id()
-    if trial_id in ended:
+    if ended and trial_id in ended:
+        tune.report(ended[trial_id])
         return
 
     state = None

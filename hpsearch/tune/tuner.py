@@ -12,7 +12,7 @@ from hpsearch.data import Dataset
 from hpsearch.progress import Forecast, Progress
 from hpsearch.record.location import SearchLocation, trial_dirname
 from hpsearch.record.study import StudyWriter
-from hpsearch.record.trial_log import LOG_FILE, ended_trials
+from hpsearch.record.trial_log import LOG_FILE, last_results_of_ended
 from hpsearch.spec import JobSpec
 from hpsearch.tracking import Tracker
 from hpsearch.tune import callbacks, scheduler, searcher, trial
@@ -23,7 +23,7 @@ TrialFn = Callable[..., None]  # run_trial's arguments; tests inject faults thro
 def trainable(job: JobSpec, where: SearchLocation, *, dataset: Dataset, gpu: float, resume: bool,
               trial_fn: TrialFn | None = None, pretrained: Any = None) -> Any:
     """The function every trial runs, with the data, the model and its resources bound."""
-    ended = frozenset(ended_trials(where.local / LOG_FILE)) if resume else frozenset()
+    ended = last_results_of_ended(where.local / LOG_FILE, metric=job.search.metric) if resume else {}
     return tune.with_resources(
         tune.with_parameters(
             trial_fn or trial.run_trial, data=dataset.for_trials(), model_spec=job.model, seed=job.seed,
