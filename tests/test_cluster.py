@@ -315,7 +315,10 @@ def test_run_with_a_ray_client_address_from_outside_the_cluster(tmp_path: Path, 
     # `hpsearch run --address ray://HEAD:10001`: the driver here, Tune's loop on the head (Ray
     # Client); the storage is a folder both see.
     for attempt, (port, client_port) in enumerate([(6393, 6401), (6395, 6403)]):
+        # On a loaded machine the client server's own process can take longer than its default 30 s
+        # to answer: "Initialization failure from server" (Ray's, not ours).
         done = _in_namespace(tmp_path, f"""
+export RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S=180
 {RAY} start --head --port={port} --num-cpus=2 --include-dashboard=false --ray-client-server-port={client_port} \
   --temp-dir={ray_tmp}/h{attempt} > {tmp_path}/ray_start.log 2>&1 || {{ echo "ray start failed"; exit 3; }}
 # `ray start` returns before the Ray Client server listens: wait for its port

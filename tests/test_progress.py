@@ -35,7 +35,9 @@ def test_progress_counts_and_says_the_best_and_time_left() -> None:
     assert "0 running, 1 failed, best val_accuracy 0.7000" in line and "left of the time budget" in line
 
 
-def test_a_live_area_is_drawn_on_a_terminal_stream() -> None:
+def test_a_live_area_is_drawn_on_a_terminal_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "160")  # the terminal's width (a narrower one cuts the line short)
+
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True

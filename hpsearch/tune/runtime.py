@@ -83,7 +83,9 @@ def init_ray(address: str | None, py_modules: list[str] | None = None) -> bool:
                 kwargs["runtime_env"] = {"py_modules": list(py_modules)}
             ray.init(address=address, **kwargs)
     except Exception as e:
-        raise SearchError(f"--address {address}: cannot connect to Ray: {str(e).strip().splitlines()[0]}"
+        # Ray's first line can be a heading ("Initialization failure from server:"): the reason follows.
+        reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:3] if line.strip())[:500]
+        raise SearchError(f"--address {address}: cannot connect to Ray: {reason}"
                           if address else f"cannot start Ray: {e}") from None
     return True
 
