@@ -44,10 +44,12 @@ class HonestOptunaSearch(OptunaSearch):
         import optuna
 
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None:
-            logger.debug("optuna never saw trial %s (its state is older than Tune's snapshot)", trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            # Never seen (its state is older than Tune's snapshot), or told already (a trial that
+            # ended after the snapshot, reporting its last result again): nothing new to tell.
+            logger.debug("optuna: nothing to tell for trial %s", trial_id)
             return
-        if trial_id in self._completed_trials or error or not result:
+        if error or not result:
             return super().on_trial_complete(trial_id, result, error)
         value = result.get(self.metric)
         # Tune hands searchers the result flattened: the config comes as "config/<name>" keys.

@@ -168,10 +168,14 @@ def reconcile_searcher(experiment: str) -> str | None:
     limiter = generator.get("name:ConcurrencyLimiter")
     done = []
     if generator.get("counter") != len(trials):
-        done.append(f"trials created {generator.get('counter')} → {len(trials)}")
+        done.append(f"trials created {generator.get('counter')} → {len(trials)}, as in the snapshot")
         generator["counter"] = len(trials)
-    if limiter is not None and not limiter.get("batch") and set(limiter.get("live_trials", ())) != unfinished:
-        done.append(f"running {len(limiter.get('live_trials', ()))} → {len(unfinished)}")
+    live = set(limiter.get("live_trials", ())) if limiter is not None else unfinished
+    if limiter is not None and not limiter.get("batch") and live != unfinished:
+        if live - unfinished:
+            done.append(f"freed the slots of {len(live - unfinished)} trial(s) the snapshot does not run on")
+        if unfinished - live:
+            done.append(f"took slots for {len(unfinished - live)} trial(s) it runs on")
         limiter["live_trials"], limiter["num_unfinished_live_trials"] = set(unfinished), len(unfinished)
     if done:
         _replace(experiment, generators[-1], cloudpickle.dumps(generator))
@@ -183,7 +187,7 @@ def reconcile_searcher(experiment: str) -> str | None:
     if not done:
         return None
     return (f"made Tune's searcher state agree with its snapshot {snapshots[-1]} (a kill left them from different "
-            f"moments): {', '.join(done)}")
+            f"moments): {'; '.join(done)}")
 
 
 def _snapshot_trials(raw: bytes) -> dict[str, tuple[str, dict[str, Any]]]:
