@@ -38,6 +38,8 @@ STATE_FILE = "hpsearch_state.json"
 # What a trial reports each epoch (hpsearch.trainable) and the log keeps of it.
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy")
 # worker_pid: the process that ran the epoch (with node_id: where a retried trial went on).
+# A result a trial reports again, that the record has already (see hpsearch.tune.trial.run_trial).
+REPLAYED = "replayed"
 RESULT_KEYS = ("epoch", *EPOCH_METRICS, "diverged", "epoch_time_s", "time_total_s", "timestamp", "node_id", "node_ip",
                "worker_pid")
 

@@ -12,7 +12,7 @@ from ray import tune
 
 from hpsearch.record.location import Remote
 from hpsearch.record.study import StudyWriter
-from hpsearch.record.trial_log import RESULT_KEYS, TRACKING_LOST, TrialRecord, TrialStatus, append_event, ended_trials, trial_status
+from hpsearch.record.trial_log import REPLAYED, RESULT_KEYS, TRACKING_LOST, TrialRecord, TrialStatus, append_event, ended_trials, trial_status
 from hpsearch.progress import Forecast, Progress
 from hpsearch.tune import storage
 from hpsearch.tracking import Tracker
@@ -99,6 +99,8 @@ class SearchCallback(tune.Callback):
             return
         keep = {k: result.get(k) for k in RESULT_KEYS}
         self._last[trial.trial_id] = keep
+        if result.get(REPLAYED):  # an epoch the record has already: how the trial ended, nothing more
+            return
         self._epochs.setdefault(trial.trial_id, []).append(keep)
         self._write({"event": "result", "trial_id": trial.trial_id, **keep})
         if self.tracker is not None:

@@ -20,6 +20,7 @@ from ray import tune
 from hpsearch.data import Dataset
 from hpsearch.record import checkpoints
 from hpsearch.record.location import join, read_file, trial_dirname
+from hpsearch.record.trial_log import REPLAYED, RESULT_KEYS
 from hpsearch.spec import ModelSpec
 
 
@@ -43,23 +44,26 @@ def run_trial(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, s
     entrypoints.on_path(code)
     trial_id = tune.get_context().get_trial_id()
     if ended and trial_id in ended:
-        tune.report(ended[trial_id])
+        tune.report({**ended[trial_id], REPLAYED: True})
         return
 
-    state = None
+    state, last = None, None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = trainable.load_state((Path(folder) / checkpoints.STATE_FILE).read_bytes())
+            state, last = _read_checkpoint(str(folder))
     elif search_dir:
         # After a killed driver, Tune restores from its last experiment snapshot, which may predate
         # the trial's newest checkpoints (or all of them); those are on disk all the same.
-        state = _newest_state(join(search_dir, trial_dirname(trial_id)))
+        state, last = _newest_state(join(search_dir, trial_dirname(trial_id)))
+    reported = False
 
     # Which node ran each epoch: on a cluster, where a trial moved after a node was lost.
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict[str, Any], to_save: dict[str, Any] | None) -> None:
+        nonlocal reported
+        reported = True
         metrics = {**metrics, "node_id": node_id, "worker_pid": os.getpid()}
         if to_save is None:
             tune.report(metrics)
@@ -76,18 +80,33 @@ def run_trial(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, s
 
     trainable.train_on_device(config, data=data, model_spec=model_spec, report=report, state=state, gpus=gpus,
                               cpus=cpus, seed=seed, pretrained=pretrained)
+    if not reported and last is not None:
+        # Resumed from the checkpoint of its last epoch (a kill came between it and the trial's
+        # end): nothing left to train, and Tune needs a result with the metric. The record has it.
+        tune.report({**{k: last[k] for k in RESULT_KEYS if k in last}, REPLAYED: True})
 
 
-def _newest_state(trial_location: str) -> dict[str, Any] | None:
-    """The state of the newest readable checkpoint in a trial's folder (a local path or a URI)."""
-    from hpsearch import trainable
-
+def _newest_state(trial_location: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The state and metrics of the newest readable checkpoint in a trial's folder (a local path
+    or a URI); (None, None) when there is none."""
     for folder in checkpoints.newest_first(trial_location):
         try:
-            return trainable.load_state(read_file(f"{folder}/{checkpoints.STATE_FILE}"))
+            return _read_checkpoint(folder)
         except Exception:  # a checkpoint cut short by the kill: try the one before
             continue
-    return None
+    return None, None
+
+
+def _read_checkpoint(folder: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A checkpoint's state and the metrics of its epoch (None if it has none)."""
+    from hpsearch import trainable
+
+    state = trainable.load_state(read_file(f"{folder}/{checkpoints.STATE_FILE}"))
+    try:
+        metrics = json.loads(read_file(f"{folder}/{checkpoints.METRICS_FILE}"))
+    except (OSError, ValueError):
+        metrics = None
+    return state, metrics
 
 
 def retrain_task(config: dict[str, Any], *, data: Dataset, model_spec: ModelSpec, epochs: int, seed: int,
