@@ -83,8 +83,10 @@ def init_ray(address: str | None, py_modules: list[str] | None = None) -> bool:
                 kwargs["runtime_env"] = {"py_modules": list(py_modules)}
             ray.init(address=address, **kwargs)
     except Exception as e:
-        # Ray's first line can be a heading ("Initialization failure from server:"): the reason follows.
-        reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:3] if line.strip())[:500]
+        # Ray's first line can be a heading ("Initialization failure from server:") over the
+        # server's traceback: the heading and the traceback's last line (the error itself).
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        reason = " ".join(dict.fromkeys([lines[0], lines[-1]]))[:500]
         raise SearchError(f"--address {address}: cannot connect to Ray: {reason}"
                           if address else f"cannot start Ray: {e}") from None
     return True
