@@ -137,7 +137,8 @@ def test_uris_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.slow
-def test_an_mlflow_server_lost_mid_search_is_caught_up_when_it_comes_back(tmp_path: Path) -> None:
+def test_an_mlflow_server_lost_mid_search_is_caught_up_when_it_comes_back(tmp_path: Path,
+                                                                         request: pytest.FixtureRequest) -> None:
     # The server is lost as a network is: a relay in front of it is cut mid-search (connections
     # dropped, then refused), then back on the same port once the search has said so, while the
     # trials go on; the end of the search catches MLflow up from the record.
@@ -152,6 +153,7 @@ def test_an_mlflow_server_lost_mid_search_is_caught_up_when_it_comes_back(tmp_pa
     from support import Link, MlflowServer, small_job, write_job
 
     server = MlflowServer(tmp_path).start()
+    request.addfinalizer(server.kill)  # however the test ends
     link = Link(server.port).start()
     job = small_job(tmp_path, tracking={"uri": link.uri},
                     search={"num_samples": 5, "max_concurrent_trials": 2, "final": {"seeds": 0}})
