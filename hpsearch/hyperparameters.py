@@ -121,6 +121,20 @@ class HyperparameterSet:
         return {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in resolved.items()}
 
 
+def lr_factor(schedule: str, *, epoch: int, epochs: int) -> float:
+    """The share of ``learning_rate`` that epoch ``epoch`` (1-based) of ``epochs`` trains at:
+    1 throughout for ``constant``; for ``cosine`` from 1 at the first epoch down to near 0.
+
+    The trainable sets its learning rate by it, and ASHA compares trials at the same point of
+    their schedules by it (:mod:`hpsearch.tune.scheduler`).
+    """
+    import math
+
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max(epochs, 1)))
+
+
 def _as_set(used: str | HyperparameterSet | None) -> HyperparameterSet:
     return used if isinstance(used, HyperparameterSet) else HyperparameterSet(used)
 

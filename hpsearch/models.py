@@ -28,6 +28,7 @@ from torch import nn
 
 from hpsearch import entrypoints
 from hpsearch.errors import EntryPointError, ModelError
+from hpsearch.hyperparameters import lr_factor
 from hpsearch.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -222,9 +223,7 @@ def build_optimizer(model: nn.Module, hp: Mapping[str, Any], *, device: torch.de
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, *, schedule: str, epoch: int, epochs: int) -> None:
     """The learning rate of ``epoch`` (1-based): constant, or cosine from base to near 0."""
-    import math
-
-    factor = 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max(epochs, 1)))
+    factor = lr_factor(schedule, epoch=epoch, epochs=epochs)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
 

@@ -95,8 +95,9 @@ def describe(plan: Plan, job: JobSpec) -> list[str]:
     lines = [f"trials: {plan.num_samples}{enq}, {plan.at_once} at a time on this machine ({plan.at_once_why})"]
     if plan.rungs:
         rungs = ", ".join(_epochs(r) for r in plan.rungs)
-        lines.append(f"ASHA: trials compared at epochs {rungs} (up to each trial's own epochs, with the trials that "
-                     f"plan as many); at each, one in {plan.reduction_factor:g} goes on (max_t {plan.max_t})")
+        lines.append(f"ASHA: trials compared at epochs {rungs} (up to each trial's own epochs, with the trials at "
+                     f"the same point of their learning-rate schedules); at each, one in {plan.reduction_factor:g} "
+                     f"goes on (max_t {plan.max_t})")
     else:
         lines.append("FIFO: every trial runs all its epochs")
     lines.append(f"epochs: about {plan.expected_epochs:.0f} for the whole search"

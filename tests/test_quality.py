@@ -108,8 +108,8 @@ def test_validate_prints_the_plan(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "trials: 64 (1 enqueued first: the defaults), 1 at a time on this machine (search.max_concurrent_trials)" \
         in result.output
-    assert "ASHA: trials compared at epochs 2, 6, 18 (up to each trial's own epochs, with the trials that plan as " \
-        "many); at each, one in 3 goes on (max_t 50)" in result.output
+    assert "ASHA: trials compared at epochs 2, 6, 18 (up to each trial's own epochs, with the trials at the same " \
+        "point of their learning-rate schedules); at each, one in 3 goes on (max_t 50)" in result.output
     assert "final: the best configuration retrained 3 times" in result.output
     off = CliRunner().invoke(cli, ["validate", str(REPO / "jobs" / "mnist.yaml"), "--set", "search.final.seeds=0",
                                    "--set", "search.scheduler={name: fifo}"])
@@ -265,31 +265,64 @@ def test_sigterm_during_the_final_retraining_keeps_the_search_and_resume_retrain
     assert len(pq.read_table(out / "trials.parquet")) == 2  # no trial ran again
 
 
-def test_asha_compares_trials_of_the_same_planned_length_only() -> None:
+def _asha_decisions(scheduler, trials: list[tuple[dict, int, float]]) -> list[str]:
+    """What ``scheduler`` decides for each (config, epoch, val_accuracy), given in that order."""
     from ray.tune.experiment import Trial
+
+    made = [Trial("__fake", config=config, stub=True, trial_id=f"t{i}") for i, (config, _, _) in enumerate(trials)]
+    for t in made:
+        scheduler.on_trial_add(None, t)
+    return [scheduler.on_trial_result(None, t, {"epoch": epoch, "val_accuracy": value})
+            for t, (_, epoch, value) in zip(made, trials)]
+
+
+ASHA_KWARGS = {"time_attr": "epoch", "metric": "val_accuracy", "mode": "max", "max_t": 50, "grace_period": 2,
+               "reduction_factor": 3}
+
+
+def test_asha_compares_trials_at_the_same_point_of_their_schedules() -> None:
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from hpsearch.tune.scheduler import ASHAByLength
+    from hpsearch.tune.scheduler import ASHAByPhase
 
-    def decisions(scheduler) -> list[str]:
-        # Two 10-epoch trials and one of 50 reach the rung at epoch 2; the long one is lowest
-        # there (its learning rate has hardly begun to fall).
-        trials = [Trial("__fake", config={"epochs": e}, stub=True, trial_id=f"t{i}")
-                  for i, e in enumerate((10, 10, 50))]
-        for t in trials:
-            scheduler.on_trial_add(None, t)
-        out = []
-        for t, value in zip(trials, (0.86, 0.87, 0.84)):
-            out.append(scheduler.on_trial_result(None, t, {"epoch": 2, "val_accuracy": value}))
-        return out
-
-    kwargs = {"time_attr": "epoch", "metric": "val_accuracy", "mode": "max", "max_t": 50, "grace_period": 2,
-              "reduction_factor": 3}
     stop, go = TrialScheduler.STOP, TrialScheduler.CONTINUE
-    assert decisions(ASHAScheduler(**kwargs)) == [go, go, stop]  # one set of rungs: the long trial is cut
-    assert decisions(ASHAByLength(**kwargs)) == [go, go, go]  # the first of its length: it goes on
-    by_length = ASHAByLength(**kwargs)
-    decisions(by_length)
-    assert sorted(by_length._by_length) == [10, 50]
-    assert sorted(m for m, _ in by_length._by_length[10]._rungs) == [2, 6]
-    assert sorted(m for m, _ in by_length._by_length[50]._rungs) == [2, 6, 18]
+    # At epoch 6 two 10-epoch trials have halved their learning rates, a 50-epoch one has not:
+    # the long one is lowest there. Stock ASHA cuts it; by phase it has no peer yet, and goes on.
+    at_6 = [({"epochs": 10}, 6, 0.86), ({"epochs": 10}, 6, 0.87), ({"epochs": 50}, 6, 0.84)]
+    assert _asha_decisions(ASHAScheduler(**ASHA_KWARGS), at_6) == [go, go, stop]
+    assert _asha_decisions(ASHAByPhase(**ASHA_KWARGS), at_6) == [go, go, go]
+    # A second 50-epoch trial below the first is its peer's: cut.
+    assert _asha_decisions(ASHAByPhase(**ASHA_KWARGS), [*at_6, ({"epochs": 50}, 6, 0.83)])[-1] == stop
+    # At epoch 2 every trial is near its base rate: the first of its length is compared with the
+    # others (the rule it replaced, a set of rungs per length, ran it to its end).
+    at_2 = [({"epochs": 10}, 2, 0.86), ({"epochs": 20}, 2, 0.87), ({"epochs": 50}, 2, 0.84)]
+    assert _asha_decisions(ASHAByPhase(**ASHA_KWARGS), at_2) == [go, go, stop]
+    # With a constant learning rate the planned length changes nothing before the end: stock ASHA.
+    constant = [({"epochs": e, "lr_schedule": "constant"}, 6, v) for e, v in ((10, 0.86), (10, 0.87), (50, 0.84))]
+    assert _asha_decisions(ASHAByPhase(**ASHA_KWARGS), constant) == [go, go, stop]
+
+
+def test_asha_by_phase_keeps_ray_s_rungs_and_minimizes_a_loss() -> None:
+    from ray.tune.schedulers import TrialScheduler
+
+    from hpsearch.plan import asha_rungs
+    from hpsearch.tune.scheduler import ASHAByPhase
+
+    for grace, rf, max_t in ((1, 3, 27), (2, 3, 50), (3, 2, 30), (1, 4, 100)):
+        sched = ASHAByPhase(time_attr="epoch", metric="val_loss", mode="min", max_t=max_t, grace_period=grace,
+                            reduction_factor=rf)
+        assert sorted(m for m, _ in sched._rungs.rungs) == asha_rungs(grace_period=grace, reduction_factor=rf,
+                                                                      max_t=max_t)
+    loss = ASHAByPhase(**{**ASHA_KWARGS, "metric": "val_loss", "mode": "min"})
+    from ray.tune.experiment import Trial
+
+    trials = [Trial("__fake", config={"epochs": 20}, stub=True, trial_id=f"t{i}") for i in range(3)]
+    for t in trials:
+        loss.on_trial_add(None, t)
+    decided = [loss.on_trial_result(None, t, {"epoch": 2, "val_loss": v}) for t, v in zip(trials, (0.5, 0.4, 0.6))]
+    assert decided == [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    # A diverged trial (NaN) is no peer: it neither stops nor is recorded.
+    nan_trial = Trial("__fake", config={"epochs": 20}, stub=True, trial_id="nan")
+    loss.on_trial_add(None, nan_trial)
+    assert loss.on_trial_result(None, nan_trial, {"epoch": 2, "val_loss": float("nan")}) == TrialScheduler.CONTINUE
+    assert "nan" not in dict(loss._rungs.rungs)[2]

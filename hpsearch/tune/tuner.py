@@ -52,7 +52,7 @@ def build(job: JobSpec, where: SearchLocation, fn: Any, *, tracker: Tracker | No
                                              points_to_evaluate=space.enqueued_points(job) or None)
     sched = job.search.scheduler
     if sched.name == "asha":
-        stopper = scheduler.ASHAByLength(time_attr="epoch", metric=metric, mode=mode, max_t=job.max_t,
+        stopper = scheduler.ASHAByPhase(time_attr="epoch", metric=metric, mode=mode, max_t=job.max_t,
                                          grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
     else:
         stopper = FIFOScheduler()
