@@ -326,3 +326,25 @@ def test_asha_by_phase_keeps_ray_s_rungs_and_minimizes_a_loss() -> None:
     loss.on_trial_add(None, nan_trial)
     assert loss.on_trial_result(None, nan_trial, {"epoch": 2, "val_loss": float("nan")}) == TrialScheduler.CONTINUE
     assert "nan" not in dict(loss._rungs.rungs)[2]
+
+
+def test_a_search_started_under_the_rule_by_length_resumes_under_the_rule_by_phase() -> None:
+    """tuner.pkl of a search started before holds an ASHAByLength with its own state: it unpickles."""
+    import pickle
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from hpsearch.tune.scheduler import ASHAByPhase
+
+    old = ASHAByPhase(**ASHA_KWARGS)
+    state = {k: v for k, v in old.__dict__.items() if k != "_rungs"}
+    state["_by_length"] = {}  # what the rule by length kept, none recorded when Tune pickled it
+    old.__dict__.clear()
+    old.__dict__.update(state)
+    raw = pickle.dumps(old, protocol=2).replace(b"ASHAByPhase", b"ASHAByLength")
+    assert b"ASHAByLength" in raw and "_rungs" not in state
+    restored = pickle.loads(raw)
+    assert isinstance(restored, ASHAByPhase) and not hasattr(restored, "_by_length")
+    stop, go = TrialScheduler.STOP, TrialScheduler.CONTINUE
+    at_2 = [({"epochs": 10}, 2, 0.86), ({"epochs": 20}, 2, 0.87), ({"epochs": 50}, 2, 0.84)]
+    assert _asha_decisions(restored, at_2) == [go, go, stop]

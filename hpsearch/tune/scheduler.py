@@ -60,6 +60,20 @@ class ASHAByPhase(ASHAScheduler):
         super().on_trial_add(tune_controller, trial)  # checks metric and mode
         self._trial_info[trial.trial_id] = self._rungs
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Tune pickles the scheduler into tuner.pkl when a search starts, and a resume unpickles
+        # it: a search started under the rule before this one (ASHAByLength, a set of rungs per
+        # planned length, pickled with none recorded) resumes under this one.
+        self.__dict__.update(state)
+        if "_rungs" not in state:
+            self.__dict__.pop("_by_length", None)
+            self._rungs = PhaseRungs(grace_period=state.get("_grace_period", 1), max_t=self._max_t,
+                                     reduction_factor=self._reduction_factor)
+            self._trial_info = {trial_id: self._rungs for trial_id in self._trial_info}
+
+
+ASHAByLength = ASHAByPhase  # the name a search started before the rule by phase pickled
+
 
 class PhaseRungs:
     """One set of ASHA rungs, each value recorded with the trial's learning-rate factor there
