@@ -13,8 +13,8 @@ space, the same seed and the same wall-clock budget for its trials (``search.tim
 - ``stock``: Ray Tune's stock ``OptunaSearch`` (TPE with Optuna's defaults) + ASHA: a trial that
   ASHA stopped is told to TPE as COMPLETE with its early value; no enqueued first trial.
 - ``hpsearch``: hpsearch's default search, as a job file gets it: TPE (multivariate, grouped,
-  constant liar, shorter start-up), stopped trials PRUNED, the defaults enqueued first, ASHA with
-  one set of rungs per planned trial length.
+  constant liar, shorter start-up), stopped trials PRUNED, the defaults enqueued first, ASHA
+  comparing trials at the same point of their learning-rate schedules.
 - ``grid``: a small grid (learning rate x layers x batch size, the rest at the defaults), FIFO.
 
 Every method's pick is then scored the same honest way: retrained on train + validation

@@ -300,6 +300,10 @@ def test_asha_compares_trials_at_the_same_point_of_their_schedules() -> None:
     # With a constant learning rate the planned length changes nothing before the end: stock ASHA.
     constant = [({"epochs": e, "lr_schedule": "constant"}, 6, v) for e, v in ((10, 0.86), (10, 0.87), (50, 0.84))]
     assert _asha_decisions(ASHAByPhase(**ASHA_KWARGS), constant) == [go, go, stop]
+    # Trials that all plan as many epochs (jobs/fashion_mnist.yaml) are all peers: stock ASHA.
+    same = [({"epochs": 30}, 6, v) for v in (0.86, 0.88, 0.87, 0.85, 0.89)]
+    assert _asha_decisions(ASHAByPhase(**ASHA_KWARGS), same) == _asha_decisions(ASHAScheduler(**ASHA_KWARGS), same) \
+        == [go, go, stop, stop, go]
 
 
 def test_asha_by_phase_keeps_ray_s_rungs_and_minimizes_a_loss() -> None:
