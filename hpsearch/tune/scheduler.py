@@ -21,11 +21,6 @@ from hpsearch.plan import asha_rungs
 SAME_PHASE = 0.1
 
 
-def planned_epochs(config: dict[str, Any]) -> int:
-    """The epochs a trial plans to train (its ``epochs``, or the default)."""
-    return int(resolve_hyperparameters(config)["epochs"])
-
-
 def schedule_phase(config: dict[str, Any], epoch: float) -> float:
     """Where the trial's learning rate stands after ``epoch``: the share of its base rate it trained at."""
     hp = resolve_hyperparameters(config)

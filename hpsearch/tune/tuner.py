@@ -53,7 +53,7 @@ def build(job: JobSpec, where: SearchLocation, fn: Any, *, tracker: Tracker | No
     sched = job.search.scheduler
     if sched.name == "asha":
         stopper = scheduler.ASHAByPhase(time_attr="epoch", metric=metric, mode=mode, max_t=job.max_t,
-                                         grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
+                                        grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
     else:
         stopper = FIFOScheduler()
     limit = callbacks.FailedTrialsLimit(job.search.max_failed_trials)
