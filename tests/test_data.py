@@ -75,6 +75,24 @@ def test_digits_has_a_seeded_test_split() -> None:
     assert len(ds.test) == 359 and ds.input_shape == (1, 8, 8) and ds.scale == 16.0
 
 
+def test_digits_are_scikit_learn_s_digits_read_without_importing_it() -> None:
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from hpsearch.data import _digits_arrays
+
+    images, labels = _digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
+    # In a fresh interpreter, loading digits leaves scikit-learn unimported.
+    code = ("import sys; from hpsearch.data import load; from hpsearch.spec import DataSpec; "
+            "load(DataSpec(dataset='digits'), seed=0); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_image_folder_loads_with_the_right_classes(tmp_path: Path) -> None:
     write_image_folder(tmp_path / "pets", per_class=10)
     ds = load(DataSpec(dataset="image_folder", root=str(tmp_path / "pets"), image_size=16, val_fraction=0.2,
