@@ -336,3 +336,41 @@ def test_max_concurrent_trials_caps_the_trials_at_once(ray_runtime, tmp_path: Pa
             spans.setdefault(e["trial_id"], []).append(e["time"])
     ordered = sorted((min(t), max(t)) for t in spans.values())
     assert len(ordered) == 3 and all(end <= start for (_, end), (start, _) in zip(ordered, ordered[1:]))
+
+
+WARM_WORKERS = r"""
+import json, os, sys, time
+import psutil
+from hpsearch.tune import runtime
+
+runtime.init_ray(None)
+from ray import tune
+
+def trial(config):
+    tune.report({"torch_before_trial": "torch" in sys.modules, "pid": os.getpid()})
+
+time.sleep(8)  # the prestarted workers have imported what a trial needs
+prestarted = [p.pid for p in psutil.Process().children(recursive=True)
+              if "default_worker" in " ".join(p.cmdline()) or p.name() == "ray::IDLE"]
+grid = tune.Tuner(tune.with_resources(trial, {"cpu": 1}), param_space={"x": tune.grid_search([0, 1])},
+                  tune_config=tune.TuneConfig(reuse_actors=True),
+                  run_config=tune.RunConfig(storage_path=sys.argv[1], verbose=0)).fit()
+print(json.dumps({"prestarted": prestarted, "results": [r.metrics for r in grid]}))
+runtime.shutdown_ray()
+"""
+
+
+def test_embedded_ray_s_trials_start_in_prestarted_workers_with_torch_imported(tmp_path: Path) -> None:
+    """The first trials take the workers Ray started with the driver, which imported torch and the
+    training function while the driver set up: no seconds of imports after fit() starts."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "warm.py"
+    script.write_text(WARM_WORKERS)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "runs")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(seen["results"]) == 2 and all(r["torch_before_trial"] for r in seen["results"])
+    assert {r["pid"] for r in seen["results"]} <= set(seen["prestarted"])

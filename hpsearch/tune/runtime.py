@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -58,6 +59,26 @@ def import_search_modules() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+# A trial's worker spends its first seconds importing Tune, torch and the training function. Ray
+# starts a worker process per CPU as soon as the driver connects ("prestart"); told to, each imports
+# these as it starts ("preload"), while the driver still sets up, and Tune's first trial actors then
+# take those workers.
+WORKER_PRELOAD = ["hpsearch.tune.trial", "hpsearch.trainable"]
+LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": True, "preload_python_modules": WORKER_PRELOAD}
+
+
+def trial_actors_take_prestarted_workers() -> None:
+    """Ray never gives a prestarted worker to an actor with a runtime environment of its own, and
+    Tune gives every trial actor one: an environment variable only PyTorch Lightning reads
+    (``PL_DISABLE_FORK``; hpsearch's trials never run Lightning). Without it the trial actors take
+    the prestarted workers. Credentials Tune passes on when they are set still make one."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # a Ray without this table: its trial actors start workers of their own
+        return
+    getattr(class_cache, "DEFAULT_ENV_VARS", {}).pop("PL_DISABLE_FORK", None)
+
+
 def init_ray(address: str | None, py_modules: list[str] | None = None) -> bool:
     """Start embedded Ray on loopback, or connect to ``address``. Returns True if we started it.
 
@@ -72,12 +93,10 @@ def init_ray(address: str | None, py_modules: list[str] | None = None) -> bool:
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     try:
         if address is None:
-            # Ray starts idle worker processes for the first driver's tasks; Tune's trials run in
-            # actors, which get workers of their own, so on a small machine those only steal CPU
-            # from the set-up. "local": a Ray of our own, even where `ray start` runs a cluster on
-            # this machine (ray.init() would join that one; --address does that when asked).
-            ray.init(address="local", include_dashboard=False,
-                     _system_config={"prestart_worker_first_driver": False}, **kwargs)
+            # "local": a Ray of our own, even where `ray start` runs a cluster on this machine
+            # (ray.init() would join that one; --address does that when asked).
+            ray.init(address="local", include_dashboard=False, _system_config=LOCAL_SYSTEM_CONFIG, **kwargs)
+            trial_actors_take_prestarted_workers()
         else:
             if py_modules and not _in_a_ray_job_with_a_working_dir():
                 kwargs["runtime_env"] = {"py_modules": list(py_modules)}
@@ -110,7 +129,25 @@ def _in_a_ray_job_with_a_working_dir() -> bool:
 def shutdown_ray() -> None:
     import ray
 
+    _stop_autoscaler_monitor()
     ray.shutdown()
+
+
+def _stop_autoscaler_monitor() -> None:
+    """The autoscaler's monitor of a Ray we started (one machine: nothing to scale) ignores
+    SIGTERM, and ``ray.shutdown()`` gives it a second before it kills it: a second at the end of
+    every search. Killed first, it is gone at once; the other processes stop as before."""
+    try:
+        from ray._private import ray_constants
+        from ray._private.worker import _global_node as node
+
+        monitors = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node and node.head else []
+    except (ImportError, AttributeError):  # another Ray's internals: its own shutdown, as it is
+        return
+    for info in monitors:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            info.process.kill()
+            info.process.wait(timeout=1)
 
 
 class SetUp:
