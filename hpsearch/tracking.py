@@ -71,6 +71,7 @@ class Tracker:
         self.parent_run_id = parent_run_id
         self.experiment_id: str | None = None
         self._runs: dict[str, str] = {}  # trial id -> child run id
+        self._new_parent = False  # the parent run is this driver's own: no trial has a run yet
         self._client: Any = None
         self._writer: Any = None  # one background thread for per-trial writes, created on first use
         self.lost_since: float | None = None  # when the server stopped answering (None: it answers)
@@ -83,6 +84,9 @@ class Tracker:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_client"] = state["_writer"] = None
+        # Unpickled, it is a resumed search's (Tune restores its callbacks from tuner.pkl): the
+        # driver that created the parent run may have started trials' runs before it was killed.
+        state["_new_parent"] = False
         return state
 
     def _submit(self, fn: Any, *args: Any) -> None:
@@ -122,6 +126,7 @@ class Tracker:
         except Exception as e:  # MLflow raises MlflowException, sqlalchemy and OS errors alike
             raise StorageError(f"tracking.uri: cannot use MLflow at {self.uri}: {_one_line(e)}") from None
         self.parent_run_id = run.info.run_id
+        self._new_parent = True
         self._safe(self._log_job, job, job_file)
         return self.parent_run_id
 
@@ -171,13 +176,14 @@ class Tracker:
 
         if trial_id in self._runs:
             return  # a retry or a resume of the same trial: same run
-        existing = self.client.search_runs(
-            [self._experiment_id()], max_results=1,
-            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
-        )
-        if existing:  # started by an earlier, killed driver
-            self._runs[trial_id] = existing[0].info.run_id
-            return
+        if not self._new_parent:  # a resumed search: an earlier, killed driver may have started it
+            existing = self.client.search_runs(
+                [self._experiment_id()], max_results=1,
+                filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
+            )
+            if existing:
+                self._runs[trial_id] = existing[0].info.run_id
+                return
         run = self.client.create_run(
             self._experiment_id(), run_name=trial_id,
             tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_ID_TAG: trial_id},

@@ -53,6 +53,23 @@ def test_trials_become_child_runs_with_metrics_per_epoch(tmp_path: Path) -> None
     assert "node_id" not in runs["a"].data.metrics and runs["a"].data.params["learning_rate"] == "0.01"
 
 
+def test_a_restored_tracker_finds_the_runs_its_killed_driver_started(tmp_path: Path) -> None:
+    """A search's own new parent run has no children, so its trials' runs are created without a
+    lookup; the copy Tune restores on resume (from tuner.pkl, pickled when the search started)
+    must look: the killed driver may have started runs after the copy was made."""
+    import pickle
+
+    first = _start(tmp_path)
+    restored = pickle.loads(pickle.dumps(first))  # what tuner.pkl holds
+    first.trial_started("a", {})  # the driver that is then killed
+    first.flush()
+    restored.trial_started("a", {})
+    restored.trial_started("b", {})
+    restored.flush()
+    children = _children(MlflowClient(first.uri), first.parent_run_id)
+    assert sorted(r.data.tags[TRIAL_ID_TAG] for r in children) == ["a", "b"]  # no second run of "a"
+
+
 def test_a_resume_adopts_runs_and_reconcile_leaves_one_per_trial(tmp_path: Path) -> None:
     first = _start(tmp_path)
     first.trial_started("a", {})
