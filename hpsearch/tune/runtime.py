@@ -62,7 +62,10 @@ def import_search_modules() -> None:
 # A trial's worker spends its first seconds importing Tune, torch and the training function. Ray
 # starts a worker process per CPU as soon as the driver connects ("prestart"); told to, each imports
 # these as it starts ("preload"), while the driver still sets up, and Tune's first trial actors then
-# take those workers.
+# take those workers (benchmarks/overhead.py: the first result about 0.9 s sooner for digits). It
+# is a race Ray decides: a worker still importing when the first trials start is passed over, and
+# Ray starts one more (seen on a Fashion-MNIST search with MLflow on). That costs its imports once;
+# Ray stops the idle extra ones.
 WORKER_PRELOAD = ["hpsearch.tune.trial", "hpsearch.trainable"]
 LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": True, "preload_python_modules": WORKER_PRELOAD}
 
