@@ -339,8 +339,7 @@ def test_max_concurrent_trials_caps_the_trials_at_once(ray_runtime, tmp_path: Pa
 
 
 WARM_WORKERS = r"""
-import json, os, sys, time
-import psutil
+import json, os, subprocess, sys, time
 from hpsearch.tune import runtime
 
 runtime.init_ray(None)
@@ -350,8 +349,18 @@ def trial(config):
     tune.report({"torch_before_trial": "torch" in sys.modules, "pid": os.getpid()})
 
 time.sleep(8)  # the prestarted workers have imported what a trial needs
-prestarted = [p.pid for p in psutil.Process().children(recursive=True)
-              if "default_worker" in " ".join(p.cmdline()) or p.name() == "ray::IDLE"]
+def workers():  # this process's descendants that are Ray workers (starting, or idle once up)
+    rows = [line.split(None, 2) for line in subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
+                                                            text=True).stdout.splitlines()]
+    parent = {int(r[0]): int(r[1]) for r in rows}
+    def mine(pid):
+        while pid in parent and pid != os.getpid():
+            pid = parent[pid]
+        return pid == os.getpid()
+    return [int(r[0]) for r in rows if len(r) == 3 and mine(int(r[0]))
+            and ("default_worker" in r[2] or r[2].startswith("ray::IDLE"))]
+
+prestarted = workers()
 grid = tune.Tuner(tune.with_resources(trial, {"cpu": 1}), param_space={"x": tune.grid_search([0, 1])},
                   tune_config=tune.TuneConfig(reuse_actors=True),
                   run_config=tune.RunConfig(storage_path=sys.argv[1], verbose=0)).fit()
