@@ -339,7 +339,7 @@ def test_max_concurrent_trials_caps_the_trials_at_once(ray_runtime, tmp_path: Pa
 
 
 WARM_WORKERS = r"""
-import json, os, subprocess, sys, time
+import json, os, sys, time
 from hpsearch.tune import runtime
 
 runtime.init_ray(None)
@@ -350,15 +350,19 @@ def trial(config):
 
 time.sleep(8)  # the prestarted workers have imported what a trial needs
 def workers():  # this process's descendants that are Ray workers (starting, or idle once up)
-    rows = [line.split(None, 2) for line in subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
-                                                            text=True).stdout.splitlines()]
-    parent = {int(r[0]): int(r[1]) for r in rows}
+    parent, args = {}, {}
+    for d in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+            args[int(d)] = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
     def mine(pid):
         while pid in parent and pid != os.getpid():
             pid = parent[pid]
         return pid == os.getpid()
-    return [int(r[0]) for r in rows if len(r) == 3 and mine(int(r[0]))
-            and ("default_worker" in r[2] or r[2].startswith("ray::IDLE"))]
+    return [pid for pid, a in args.items() if mine(pid) and ("default_worker" in a or a.startswith("ray::IDLE"))]
 
 prestarted = workers()
 grid = tune.Tuner(tune.with_resources(trial, {"cpu": 1}), param_space={"x": tune.grid_search([0, 1])},
