@@ -212,7 +212,7 @@ def to_device(split: Split, data: Dataset, device: torch.device) -> tuple[torch.
     import torch
 
     with warnings.catch_warnings():
-        # Arrays from Ray's object store are read-only; we never write to them (the float copy is new).
+        # Arrays from Ray's object store are read-only; we never write to them (normalize copies).
         warnings.simplefilter("ignore", UserWarning)
         x = torch.from_numpy(split.x)
         y = torch.from_numpy(split.y)
@@ -223,7 +223,10 @@ def normalize(x: torch.Tensor, data: Dataset) -> torch.Tensor:
     """uint8 (N, C, H, W) images (or a factory's (N, C, ...) / (N, features) inputs) → float32
     ``(x/scale - mean) / std`` per channel (per feature)."""
     mean, std = _channel_tensors(data.mean, data.std, str(x.device), x.dim())
-    return x.float().mul_(1.0 / data.scale).sub_(mean).div_(std)
+    # A new tensor first, then in place on it: ``x`` itself is never written. For float32 inputs
+    # ``x.float()`` is ``x``, and on the CPU ``x`` may be a view of Ray's shared object store, which
+    # every trial process maps: normalising it in place normalised the data again in each process.
+    return x.float().mul(1.0 / data.scale).sub_(mean).div_(std)
 
 
 @functools.lru_cache(maxsize=8)

@@ -153,3 +153,24 @@ def test_channel_stats_of_uint8_images_match_numpy() -> None:
     # A constant channel has std 1, not 0 (normalising divides by it).
     assert channel_stats(np.full((4, 1, 2, 2), 7, dtype=np.uint8), 255.0)[1] == (1.0,)
     assert channel_stats(np.full((4, 1, 2, 2), 7.0), 16.0)[1] == (1.0,)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "float64"])
+def test_normalising_never_writes_the_data_it_is_given(dtype: str) -> None:
+    # On the CPU a trial's arrays are views of Ray's shared object store: written in place, the
+    # data would be normalised once more by every trial process that maps it.
+    import torch
+
+    from hpsearch.data import Split, to_device
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 17, (50, 64)).astype(dtype)
+    original = x.copy()
+    data = load(DataSpec(dataset="digits"), seed=0)
+    split = Split(x, np.zeros(50, dtype=np.int64))
+    first, _ = to_device(split, data, torch.device("cpu"))
+    second, _ = to_device(split, data, torch.device("cpu"))
+    np.testing.assert_array_equal(x, original)
+    assert first.dtype == torch.float32 and torch.equal(first, second)
+    mean, std = np.array(data.mean), np.array(data.std)
+    np.testing.assert_allclose(first.numpy(), (original / data.scale - mean) / std, rtol=1e-5, atol=1e-5)

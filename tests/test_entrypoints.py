@@ -225,6 +225,34 @@ def load(scale=1.0):
     assert 0.3 < best["test_accuracy"] <= 1 and best["retrained"]["train_samples"] == 1400
 
 
+def test_every_trial_trains_on_the_factory_s_data_as_given(ray_runtime, tmp_path: Path) -> None:
+    """float32 arrays reach the trials through Ray's shared object store: a trial that normalised
+    them in place changed them for every trial after it. Each trial must train as the same
+    configuration does in this process, from a fresh copy of the data."""
+    from hpsearch import data as hp_data
+    from hpsearch.spec import load_job
+    from hpsearch.trainable import train
+
+    write_user_code(tmp_path, "ep_float")  # digits as float32 features in 0..16: normalising them matters
+    job = user_job(tmp_path, "ep_float", search={"num_samples": 4, "max_concurrent_trials": 2})
+    result, out = cli_run("run", write_job(tmp_path / "job.yaml", job)), tmp_path / "runs" / "t"
+    assert result.exit_code == 0, result.output
+
+    spec = load_job(out / "job.yaml")
+    dataset = hp_data.load(spec.data, seed=spec.seed, code=spec.code)
+    assert dataset.train.x.dtype.name == "float32"
+    epochs = pq.read_table(out / "epochs.parquet").to_pylist()
+    for trial in pq.read_table(out / "trials.parquet").to_pylist():
+        config = {k: trial[k] for k in ("width", "depth", "learning_rate", "epochs", "batch_size")}
+        here: list[dict] = []
+        train(config, data=dataset, model_spec=spec.model, seed=spec.seed, num_threads=1,
+              report=lambda metrics, state: here.append(metrics))
+        there = sorted((e for e in epochs if e["trial_id"] == trial["trial_id"]), key=lambda e: e["epoch"])
+        assert [e["train_loss"] for e in there] == pytest.approx([m["train_loss"] for m in here], rel=1e-4), config
+        assert [e["val_accuracy"] for e in there] == pytest.approx([m["val_accuracy"] for m in here], abs=1e-6)
+    assert max(e["val_accuracy"] for e in epochs) > 0.8  # digits, normalised once: an easy 90%
+
+
 # --------------------------------------------------------------------------------------------
 # The examples, as the README runs them (with a tiny budget).
 # --------------------------------------------------------------------------------------------
