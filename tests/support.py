@@ -315,3 +315,20 @@ def assert_nothing_left(tmp_path: Path, name: str = "t") -> None:
         client = MlflowClient(f"sqlite:///{db}")
         exp = client.get_experiment_by_name(name)
         assert exp is None or not client.search_runs([exp.experiment_id])
+
+
+def snapshot_trials(search_dir: Path) -> set[str]:
+    """The trials Tune's newest experiment snapshot in a search folder names, unfinished or not.
+
+    After a hard kill a resume runs on the unfinished ones, each from its newest checkpoint; a
+    trial started after that snapshot is lost with the driver and replaced by a new one (Tune
+    snapshots every ~10 s). A test that kills a search to see a trial continue waits for this.
+    """
+    import json
+
+    snapshots = sorted(search_dir.glob("experiment_state-*.json"))
+    try:
+        data = json.loads(snapshots[-1].read_text())["trial_data"]
+    except (IndexError, OSError, ValueError, KeyError):  # none yet, or being written
+        return set()
+    return {json.loads(trial)["trial_id"] for trial, _ in data}
