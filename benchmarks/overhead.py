@@ -1,6 +1,6 @@
 """What a trial costs beyond its training: hpsearch against the Optuna loop a person would write.
 
-    python benchmarks/overhead.py [--trials 10 100] [--epochs 1 3] [--skip-tracking-on] [--out DIR]
+    python benchmarks/overhead.py [--trials 10 100] [--epochs 1 3] [--skip-tracking-on] [--skip-tune] [--out DIR]
 
 The same training function (:func:`hpsearch.trainable.train`), the same space and the same number
 of digits trials, run by:
@@ -8,7 +8,11 @@ of digits trials, run by:
 - optuna: a plain Optuna loop, ``study.optimize`` in as many processes as trial slots (2 here),
   sharing one journal-file study: what a user writes instead of a search tool;
 - hpsearch: ``hpsearch run`` (embedded Ray, TPE, FIFO: every trial to its end), tracking off;
-- hpsearch+mlflow: the same with MLflow on (a SQLite file).
+- hpsearch+mlflow: the same with MLflow on (a SQLite file);
+- tune: the floor of any tool built on Ray Tune: plain Tune (``ray.init``, Ray's own OptunaSearch,
+  FIFO, actors reused, 2 trials at a time) running the same function, reporting every epoch, with
+  no checkpoint, callback, record or tracking. hpsearch's cost above it is hpsearch's; the rest
+  is Tune's own (``--skip-tune`` leaves it out).
 
 Each from a fresh process, one after the other. Printed per method and trial count: wall time from
 the command's start, time to the first reported epoch, driver overhead per trial (slot-seconds not
@@ -145,6 +149,69 @@ def run_hpsearch(trials: int, epochs: tuple[int, int], folder: Path, *, tracking
             "trained_s": sum(e["epoch_time_s"] for e in results), "peak_mb": mem.peak_mb}
 
 
+# --------------------------------------------------------------------------------------------
+# (c) Plain Ray Tune: the same trials, nothing of hpsearch's around them.
+# --------------------------------------------------------------------------------------------
+
+
+def run_tune(trials: int, epochs: tuple[int, int], folder: Path) -> dict:
+    """Plain Tune in a fresh process (its start-up counted, as hpsearch's command's is)."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, __file__, "--tune-child", str(trials), str(epochs[0]), str(epochs[1]),
+                             str(folder), str(t0)], cwd=folder, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    with PeakMemory(proc.pid) as mem:
+        output, _ = proc.communicate()
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        sys.exit(f"plain Tune failed ({proc.returncode}):\n{output[-3000:]}")
+    r = json.loads((folder / "tune.json").read_text())
+    return {"wall_s": wall, "first_s": r["first_s"], "trained_s": r["trained_s"], "peak_mb": mem.peak_mb}
+
+
+def _tune_child(trials: int, epochs: tuple[int, int], folder: Path, t0: float) -> None:
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from hpsearch.data import load
+    from hpsearch.spec import DataSpec, ModelSpec
+
+    def trial_fn(config: dict, data: object = None) -> None:
+        import torch
+
+        from hpsearch.trainable import train
+
+        torch.set_num_threads(1)
+        train(config, data=data, model_spec=ModelSpec(), num_threads=1, seed=0,
+              report=lambda metrics, state: tune.report(metrics))
+
+    class Clock(tune.Callback):
+        first, trained = None, 0.0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001, ANN003
+            Clock.first = Clock.first or time.time() - t0
+            Clock.trained += result["epoch_time_s"]
+
+    ray.init(num_cpus=SLOTS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    data = load(DataSpec(dataset="digits", val_fraction=0.2), seed=0).for_trials()
+    low, high = epochs
+    space = {"num_hidden_layers": tune.randint(1, 4), "neurons_per_layer": tune.qrandint(32, 128, 16),
+             "learning_rate": tune.loguniform(1e-3, 1e-1), "batch_size": tune.choice([32, 64]),
+             "epochs": low if low == high else tune.randint(low, high + 1)}
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trial_fn, data=data), {"cpu": 1}),
+        param_space=space,
+        tune_config=tune.TuneConfig(search_alg=OptunaSearch(metric="val_accuracy", mode="max", seed=0),
+                                    num_samples=trials, max_concurrent_trials=SLOTS, reuse_actors=True),
+        run_config=tune.RunConfig(name="floor", storage_path=str(folder / "ray_results"), callbacks=[Clock()],
+                                  verbose=0))
+    tuner.fit()
+    ray.shutdown()
+    (folder / "tune.json").write_text(json.dumps({"first_s": Clock.first, "trained_s": Clock.trained}))
+
+
 class PeakMemory:
     """The peak resident memory of a process and all its descendants, sampled every 0.2 s."""
 
@@ -176,15 +243,21 @@ class PeakMemory:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--tune-child"]:
+        trials, low, high, folder, t0 = sys.argv[2:7]
+        _tune_child(int(trials), (int(low), int(high)), Path(folder), float(t0))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, nargs="+", default=[10, 100])
     ap.add_argument("--epochs", type=int, nargs=2, default=[1, 3], metavar=("LOW", "HIGH"))
     ap.add_argument("--skip-tracking-on", action="store_true", help="leave out hpsearch with MLflow on")
+    ap.add_argument("--skip-tune", action="store_true", help="leave out plain Ray Tune (the floor)")
     ap.add_argument("--out", type=Path, default=None, help="keep the runs and a JSON of the figures here")
     args = ap.parse_args()
     epochs = (args.epochs[0], args.epochs[1])
     root = args.out or Path(tempfile.mkdtemp(prefix="hpsearch-overhead-"))
-    methods = ["optuna", "hpsearch"] + ([] if args.skip_tracking_on else ["hpsearch+mlflow"])
+    methods = (["optuna", "hpsearch"] + ([] if args.skip_tracking_on else ["hpsearch+mlflow"])
+               + ([] if args.skip_tune else ["tune"]))
     rows = []
     for n in args.trials:
         for method in methods:
@@ -192,6 +265,8 @@ def main() -> None:
             folder.mkdir(parents=True, exist_ok=True)
             if method == "optuna":
                 r = run_optuna(n, epochs, folder)
+            elif method == "tune":
+                r = run_tune(n, epochs, folder)
             else:
                 r = run_hpsearch(n, epochs, folder, tracking=method == "hpsearch+mlflow")
             # After the first result: the per-trial cost without the start-up spread over the trials.
