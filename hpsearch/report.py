@@ -89,6 +89,15 @@ class Search:
         return busy / capacity if capacity > 0 else None
 
 
+def import_plotting() -> None:
+    """Import what :func:`render` draws with: about 2 s (Optuna's importance evaluator brings
+    scikit-learn and SciPy). A search does it while its trials run."""
+    import optuna.importance  # noqa: F401
+    import optuna.visualization  # noqa: F401
+    import plotly.graph_objects  # noqa: F401
+    import plotly.offline  # noqa: F401
+
+
 def write_report(location: str | Path | SearchLocation, out: Path | None = None) -> Path:
     """Write the report of the search at ``location``; returns its path (``report.html`` in the
     search folder by default; for a URI storage, the local mirror's, uploaded beside the rest)."""

@@ -184,21 +184,33 @@ class SearchCallback(tune.Callback):
                 self._write({"event": TRACKING_LOST, "since": self.tracker.lost_since, "missed": self.tracker.missed})
 
 
-class ImportTorchWhenTrialsRun(tune.Callback):
-    """The driver needs torch at the end (the test score, through :mod:`hpsearch.trainable`):
-    import it once the first trial has reported, in a thread. Earlier, it would compete with the
-    trials' workers importing theirs; at the end, it would add its seconds to the search's."""
+class ImportTheEndsModulesWhenTrialsRun(tune.Callback):
+    """The driver needs torch at the end (the test score, through :mod:`hpsearch.trainable`) and
+    the report's plotting (Optuna's importance evaluator brings scikit-learn and SciPy): about 4 s
+    of imports. They run once the first trial has reported, in a thread. Earlier, they would
+    compete with the trials' workers importing theirs; at the end, they add their seconds to the
+    search's (benchmarks/overhead.py).
+    """
 
     def __init__(self) -> None:
         self._started = False
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if not self._started:
-            import importlib
             import threading
 
             self._started = True
-            threading.Thread(target=importlib.import_module, args=("hpsearch.trainable",), daemon=True).start()
+            threading.Thread(target=_import_the_end_s_modules, name="hpsearch-imports", daemon=True).start()
+
+
+def _import_the_end_s_modules() -> None:
+    import importlib
+
+    try:
+        importlib.import_module("hpsearch.trainable")
+        importlib.import_module("hpsearch.report").import_plotting()
+    except Exception:  # imported again where needed, and said there
+        logger.debug("importing the end's modules failed", exc_info=True)
 
 
 def _last_result(trial: Any) -> dict[str, Any] | None:
