@@ -82,6 +82,20 @@ def trial_actors_take_prestarted_workers() -> None:
     getattr(class_cache, "DEFAULT_ENV_VARS", {}).pop("PL_DISABLE_FORK", None)
 
 
+def no_usage_tags_without_usage_stats() -> None:
+    """Tune tags each search's callbacks for Ray's usage statistics, which hpsearch turns off
+    (:func:`set_ray_environment`): to name them, it imports Ray's MLflow integration, and so
+    MLflow (about 1 s on 2 cores, in the driver, as the first trials start), even for a search
+    with tracking off. With the statistics off there is nothing to tag."""
+    try:
+        from ray._common.usage import usage_lib
+        from ray.air._internal import usage
+    except ImportError:  # a Ray without these: it tags as it does
+        return
+    if not usage_lib.usage_stats_enabled():
+        usage.tag_callbacks = lambda callbacks: False
+
+
 def init_ray(address: str | None, py_modules: list[str] | None = None) -> bool:
     """Start embedded Ray on loopback, or connect to ``address``. Returns True if we started it.
 
@@ -91,6 +105,7 @@ def init_ray(address: str | None, py_modules: list[str] | None = None) -> bool:
     import_ray(address)
     import ray
 
+    no_usage_tags_without_usage_stats()
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
