@@ -184,7 +184,7 @@ class SearchCallback(tune.Callback):
                 self._write({"event": TRACKING_LOST, "since": self.tracker.lost_since, "missed": self.tracker.missed})
 
 
-class ImportTheEndsModulesWhenTrialsRun(tune.Callback):
+class ImportEndOfSearchModules(tune.Callback):
     """The driver needs torch at the end (the test score, through :mod:`hpsearch.trainable`) and
     the report's plotting (Optuna's importance evaluator brings scikit-learn and SciPy): about 4 s
     of imports. They run once the first trial has reported, in a thread. Earlier, they would
@@ -200,17 +200,22 @@ class ImportTheEndsModulesWhenTrialsRun(tune.Callback):
             import threading
 
             self._started = True
-            threading.Thread(target=_import_the_end_s_modules, name="hpsearch-imports", daemon=True).start()
+            threading.Thread(target=_import_end_of_search_modules, name="hpsearch-imports", daemon=True).start()
 
 
-def _import_the_end_s_modules() -> None:
+# Its name until 2026-12-07: a search started before then has it pickled in its tuner.pkl, which a
+# resume unpickles.
+ImportTorchWhenTrialsRun = ImportEndOfSearchModules
+
+
+def _import_end_of_search_modules() -> None:
     import importlib
 
     try:
         importlib.import_module("hpsearch.trainable")
         importlib.import_module("hpsearch.report").import_plotting()
     except Exception:  # imported again where needed, and said there
-        logger.debug("importing the end's modules failed", exc_info=True)
+        logger.debug("importing the modules the end of the search needs failed", exc_info=True)
 
 
 def _last_result(trial: Any) -> dict[str, Any] | None:

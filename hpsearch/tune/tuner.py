@@ -79,7 +79,7 @@ def build(job: JobSpec, where: SearchLocation, fn: Any, *, tracker: Tracker | No
         run_config=tune.RunConfig(
             name=job.name,
             storage_path=where.storage,
-            callbacks=[record, callbacks.ImportTheEndsModulesWhenTrialsRun()],
+            callbacks=[record, callbacks.ImportEndOfSearchModules()],
             stop=limit,
             failure_config=tune.FailureConfig(max_failures=job.search.max_failures),
             # Keep the best checkpoints (for the test score) and, always, the latest (for resume).
