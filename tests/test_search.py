@@ -338,6 +338,36 @@ def test_max_concurrent_trials_caps_the_trials_at_once(ray_runtime, tmp_path: Pa
     assert len(ordered) == 3 and all(end <= start for (_, end), (start, _) in zip(ordered, ordered[1:]))
 
 
+
+def test_tune_s_extra_snapshots_are_spaced_not_one_every_second_checkpoint(
+        ray_runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Left to itself, Tune snapshots the experiment each time a trial has checkpointed num_to_keep
+    # (2) times since the last snapshot: about 40 snapshots for these 4 trials of 20 short epochs,
+    # on top of its periodic ones (every >= 10 s). hpsearch spaces those extra ones (a resume puts
+    # back a checkpoint deleted since the snapshot).
+    import time
+
+    from ray.tune.execution.tune_controller import TuneController
+
+    from hpsearch.tune.snapshot import FORCED_SNAPSHOT_MIN_S
+
+    saves: list[float] = []
+    save_to_dir = TuneController.save_to_dir
+
+    def counted(self: TuneController) -> None:
+        saves.append(time.monotonic())
+        save_to_dir(self)
+
+    monkeypatch.setattr(TuneController, "save_to_dir", counted)
+    job = small_job(tmp_path, search={"num_samples": 4}, tracking={"enabled": False})
+    job["space"]["epochs"] = 20
+    result, out = run_job(tmp_path, job)
+    assert result.exit_code == 0, result.output
+    assert len(pq.read_table(out / "epochs.parquet")) == 80  # every trial ran (and checkpointed) 20 epochs
+    span = saves[-1] - saves[0]
+    at_most = span / FORCED_SNAPSHOT_MIN_S + span / 10 + 3  # spaced extra ones, periodic ones, first and last
+    assert 2 <= len(saves) <= at_most, (len(saves), span)
+
 WARM_WORKERS = r"""
 import json, os, sys, time
 from hpsearch.tune import runtime

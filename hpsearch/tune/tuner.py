@@ -15,7 +15,7 @@ from hpsearch.record.study import StudyWriter
 from hpsearch.record.trial_log import LOG_FILE, last_results_of_ended
 from hpsearch.spec import JobSpec
 from hpsearch.tracking import Tracker
-from hpsearch.tune import callbacks, scheduler, searcher, trial
+from hpsearch.tune import callbacks, scheduler, searcher, snapshot, trial
 
 TrialFn = Callable[..., None]  # run_trial's arguments; tests inject faults through one
 
@@ -36,6 +36,7 @@ def trainable(job: JobSpec, where: SearchLocation, *, dataset: Dataset, gpu: flo
 
 def restore(where: SearchLocation, fn: Any) -> tune.Tuner:
     """The Tuner of a search that ran before: finished trials kept, unfinished ones resumed."""
+    snapshot.throttle_forced_snapshots()
     return tune.Tuner.restore(where.experiment, trainable=fn, resume_unfinished=True, resume_errored=False)
 
 
@@ -46,6 +47,7 @@ def build(job: JobSpec, where: SearchLocation, fn: Any, *, tracker: Tracker | No
     ``concurrency``: how many trials run at once, when that is fixed (None: as many as the
     cluster's resources allow, as it grows).
     """
+    snapshot.throttle_forced_snapshots()
     metric, mode = job.search.metric, job.search.mode
     search_alg = searcher.HonestOptunaSearch(space=space.define_by_run(job), metric=metric, mode=mode,
                                              sampler=space.make_sampler(job),
@@ -83,7 +85,8 @@ def build(job: JobSpec, where: SearchLocation, fn: Any, *, tracker: Tracker | No
             stop=limit,
             failure_config=tune.FailureConfig(max_failures=job.search.max_failures),
             # Keep the best checkpoints (for the test score) and, always, the latest (for resume).
-            # Each deletion forces an experiment snapshot: 2, not 1, halves those.
+            # Every num_to_keep checkpoints of a trial Tune forces a snapshot: 2, not 1, halves
+            # those (and snapshot.throttle_forced_snapshots spaces them).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order=mode),
             verbose=0,
