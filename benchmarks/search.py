@@ -52,7 +52,9 @@ def job_file(folder: Path, trials: int, gpu: float, *, data_dir: Path, tracking:
         "seed": 0,
         "data": {"dataset": "fashion_mnist", "root": str(data_dir), "download": False},
         "space": SPACE,
-        "search": {"num_samples": trials, "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2}},
+        # No final retraining: the baseline has none, and its epochs are not the trials' (utilization).
+        "search": {"num_samples": trials, "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
+                   "final": {"seeds": 0}},
         "resources": {"cpu": 1, "gpu": gpu},
         "tracking": {"enabled": tracking, "uri": f"sqlite:///{folder / 'mlflow.db'}"},
         "storage": str(folder / "runs"),
