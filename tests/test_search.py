@@ -338,7 +338,6 @@ def test_max_concurrent_trials_caps_the_trials_at_once(ray_runtime, tmp_path: Pa
     assert len(ordered) == 3 and all(end <= start for (_, end), (start, _) in zip(ordered, ordered[1:]))
 
 
-
 def test_tune_s_extra_snapshots_are_spaced_not_one_every_second_checkpoint(
         ray_runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Left to itself, Tune snapshots the experiment each time a trial has checkpointed num_to_keep
@@ -367,6 +366,7 @@ def test_tune_s_extra_snapshots_are_spaced_not_one_every_second_checkpoint(
     span = saves[-1] - saves[0]
     at_most = span / FORCED_SNAPSHOT_MIN_S + span / 10 + 3  # spaced extra ones, periodic ones, first and last
     assert 2 <= len(saves) <= at_most, (len(saves), span)
+
 
 WARM_WORKERS = r"""
 import json, os, sys, time

@@ -43,10 +43,11 @@ def throttle_forced_snapshots() -> None:
     trial has deleted since. With short epochs that is a snapshot every other epoch of every
     trial, each pickling every trial and the searcher (the more trials, the longer), on the
     driver's loop: measured, 300 digits trials of 2-3 epochs (benchmarks/overhead.py's) took
-    0.76x the wall time with them spaced (52.5 -> 39.9 s); 100 trials, no difference. A resume puts back a checkpoint that a snapshot
-    names but the trial deleted since (:func:`restore_missing_checkpoints`), so nothing a crash
-    can cost changes: a trial started after the last snapshot is replaced, one that ran continues
-    from its newest checkpoint.
+    0.76x the wall time with them spaced (52.5 -> 39.9 s); 100 trials, no difference.
+
+    A resume puts back a checkpoint that a snapshot names but the trial deleted since
+    (:func:`restore_missing_checkpoints`), so nothing a crash can cost changes: a trial started
+    after the last snapshot is replaced, one that ran continues from its newest checkpoint.
     """
     try:
         from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as Manager
